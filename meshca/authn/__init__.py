@@ -1,0 +1,1 @@
+"""Authenticators: who is calling? Each turns a credential into an Attestation."""

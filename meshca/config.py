@@ -1,0 +1,243 @@
+"""Typed settings for the CA server and admin commands.
+
+Sources combine in the usual order, later winning: built-in defaults, the config file
+(YAML or TOML, ``--config``), ``MESHCA_*`` environment variables (nested fields with
+``__``, e.g. ``MESHCA_SIGNER__KEY_TYPE``), then command-line flags. Every backend kind is
+a tagged union (``mode`` for Kubernetes clusters, ``kind`` for signers), validated here
+once, so the rest of meshca reads a checked, defaulted config.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+from meshca.durations import format_duration, parse_duration
+from meshca.errors import ConfigError, SpiffeIdError
+from meshca.pki.keys import KeyAlgorithm
+from meshca.spiffe import TrustDomain
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+DEFAULT_AUDIENCE = "istio-ca"
+DEFAULT_CLUSTER_ID = "Kubernetes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenReviewCluster(_Strict):
+    """Validate tokens by asking the cluster's API server (TokenReview v1)."""
+
+    mode: Literal["tokenreview"] = "tokenreview"
+    cluster_id: str = DEFAULT_CLUSTER_ID
+    api_server: str
+    ca_file: Path | None = None
+    """PEM bundle to verify the API server's TLS certificate (default: system roots)."""
+    credentials_file: Path | None = None
+    """File holding the bearer token meshca presents to the API server (re-read per call)."""
+    audiences: list[str] = Field(default_factory=lambda: [DEFAULT_AUDIENCE])
+    cache_ttl: Duration = timedelta(seconds=60)
+    timeout: Duration = timedelta(seconds=5)
+
+    @field_validator("api_server")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"api_server {value!r} must be an http(s) URL")
+        return value.rstrip("/")
+
+
+class JwtCluster(_Strict):
+    """Validate tokens locally against the issuer's JWKS (OIDC discovery, a URL or a file)."""
+
+    mode: Literal["jwt"] = "jwt"
+    cluster_id: str = DEFAULT_CLUSTER_ID
+    issuer: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    ca_file: Path | None = None
+    """PEM bundle to verify the issuer's TLS certificate (default: system roots)."""
+    audiences: list[str] = Field(default_factory=lambda: [DEFAULT_AUDIENCE])
+    leeway: Duration = timedelta(seconds=30)
+    jwks_refresh_interval: Duration = timedelta(seconds=30)
+    """Minimum time between two JWKS fetches triggered by an unknown ``kid``."""
+    timeout: Duration = timedelta(seconds=5)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtCluster:
+        if self.jwks_url and self.jwks_file:
+            raise ValueError("set at most one of jwks_url and jwks_file")
+        return self
+
+
+ClusterConfig = Annotated[TokenReviewCluster | JwtCluster, Field(discriminator="mode")]
+
+
+class FileSignerConfig(_Strict):
+    """Root key in a PEM file (mode 0600) under the state directory. Development only."""
+
+    kind: Literal["file"] = "file"
+    key_file: Path | None = None
+    """Default: ``<state_dir>/root-key.pem``."""
+    key_type: KeyAlgorithm = KeyAlgorithm.EC_P256
+
+
+SignerConfig = Annotated[FileSignerConfig, Field(discriminator="kind")]
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "meshca"
+
+
+class Settings(BaseSettings):
+    """Everything ``meshca server`` and ``meshca admin`` read."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MESHCA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    trust_domain: str = "cluster.local"
+    state_dir: Path = Field(default_factory=default_state_dir)
+    database_url: str | None = None
+    """SQLAlchemy URL; default ``sqlite:///<state_dir>/meshca.db``."""
+    grpc_listen: str = "0.0.0.0:15012"
+    http_listen: str = "0.0.0.0:15014"
+    plaintext: bool = False
+    server_dns_names: list[str] = Field(default_factory=lambda: ["localhost"])
+    max_ttl: Duration = timedelta(hours=24)
+    default_ttl: Duration = timedelta(hours=1)
+    intermediate_ttl: Duration = timedelta(hours=48)
+    intermediate_rotate_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Rotate the issuing intermediate once this fraction of its life has passed."""
+    intermediate_name_constraints: bool = False
+    root_ttl: Duration = timedelta(days=3650)
+    signer: SignerConfig = Field(default_factory=FileSignerConfig)
+    clusters: list[ClusterConfig] = Field(default_factory=list)
+    default_cluster: str | None = None
+    """Cluster used when a caller sends no ``clusterid`` header (default: the first)."""
+    log_level: str = "INFO"
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        try:
+            return TrustDomain.parse(value).name
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_ttl > self.max_ttl:
+            raise ValueError(
+                f"default_ttl {format_duration(self.default_ttl)} exceeds "
+                f"max_ttl {format_duration(self.max_ttl)}"
+            )
+        if self.max_ttl >= self.intermediate_ttl * self.intermediate_rotate_fraction:
+            raise ValueError(
+                "max_ttl must be shorter than the intermediate's rotation point "
+                "(intermediate_ttl x intermediate_rotate_fraction), or certificates would be cut short"
+            )
+        ids = [c.cluster_id for c in self.clusters]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"cluster ids must be unique, got {ids}")
+        if self.default_cluster is not None and self.default_cluster not in ids:
+            raise ValueError(f"default_cluster {self.default_cluster!r} is not among {ids}")
+        return self
+
+    @property
+    def trust_domain_value(self) -> TrustDomain:
+        return TrustDomain(self.trust_domain)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'meshca.db'}"
+
+    @property
+    def root_key_file(self) -> Path:
+        return self.signer.key_file or self.state_dir / "root-key.pem"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get("path")
+        if path is not None:
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from the file, the environment and ``overrides`` (flags; None = unset).
+
+    Raises ConfigError with every problem listed, each naming its field.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist or is not a file")
+        if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
+            raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}") from exc
+    finally:
+        _CONFIG_FILE.pop("path", None)
+
+
+def secret_from_file(path: Path) -> SecretStr:
+    """Read a secret (token, PIN) from a file, stripped, wrapped so it never prints."""
+    try:
+        return SecretStr(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc

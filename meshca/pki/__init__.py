@@ -1,0 +1,1 @@
+"""Certificate profiles, CSR checks and trust bundles. cryptography does all encoding."""
