@@ -18,15 +18,18 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -109,7 +112,17 @@ class FileSignerConfig(_Strict):
     key_type: KeyAlgorithm = KeyAlgorithm.EC_P256
 
 
-SignerConfig = Annotated[FileSignerConfig, Field(discriminator="kind")]
+def _signer_kind(value: object) -> str:
+    """The signer's ``kind`` tag; a signer section without one means ``file``."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "file"))
+    return str(getattr(value, "kind", "file"))
+
+
+SignerConfig = Annotated[
+    Annotated[FileSignerConfig, Tag("file")],
+    Discriminator(_signer_kind),
+]
 
 
 def default_state_dir() -> Path:
@@ -146,6 +159,17 @@ class Settings(BaseSettings):
     clusters: list[ClusterConfig] = Field(default_factory=list)
     default_cluster: str | None = None
     """Cluster used when a caller sends no ``clusterid`` header (default: the first)."""
+    k8s_oidc_issuer: str | None = None
+    """Shorthand for one cluster in ``jwt`` mode: the token issuer (OIDC discovery)."""
+    k8s_jwks_url: str | None = None
+    """Shorthand for ``jwt`` mode: fetch keys here instead of by OIDC discovery."""
+    k8s_api_server: str | None = None
+    """Shorthand for one cluster in ``tokenreview`` mode: the API server URL."""
+    k8s_ca_file: Path | None = None
+    k8s_credentials_file: Path | None = None
+    token_audience: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_AUDIENCE]
+    )
     log_level: str = "INFO"
 
     @field_validator("trust_domain")
@@ -156,6 +180,13 @@ class Settings(BaseSettings):
         except SpiffeIdError as exc:
             raise ValueError(str(exc)) from exc
 
+    @field_validator("token_audience", mode="before")
+    @classmethod
+    def _split_audiences(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_ttl > self.max_ttl:
@@ -163,17 +194,56 @@ class Settings(BaseSettings):
                 f"default_ttl {format_duration(self.default_ttl)} exceeds "
                 f"max_ttl {format_duration(self.max_ttl)}"
             )
-        if self.max_ttl >= self.intermediate_ttl * self.intermediate_rotate_fraction:
+        remaining_at_rotation = self.intermediate_ttl * (1 - self.intermediate_rotate_fraction)
+        if self.max_ttl > remaining_at_rotation:
             raise ValueError(
-                "max_ttl must be shorter than the intermediate's rotation point "
-                "(intermediate_ttl x intermediate_rotate_fraction), or certificates would be cut short"
+                f"max_ttl {format_duration(self.max_ttl)} exceeds the life an intermediate has "
+                f"left when it rotates ({format_duration(remaining_at_rotation)}: intermediate_ttl "
+                "x (1 - intermediate_rotate_fraction)); certificates would be cut short"
             )
-        ids = [c.cluster_id for c in self.clusters]
+        if self.k8s_api_server and (self.k8s_oidc_issuer or self.k8s_jwks_url):
+            raise ValueError(
+                "k8s_api_server (TokenReview) and k8s_oidc_issuer/k8s_jwks_url (local JWT "
+                "validation) are two modes of one cluster; choose one, or list clusters"
+            )
+        if self.k8s_jwks_url and not self.k8s_oidc_issuer:
+            raise ValueError("k8s_jwks_url needs k8s_oidc_issuer (the expected 'iss' claim)")
+        if not self.token_audience:
+            raise ValueError("token_audience must name at least one audience")
+        ids = [c.cluster_id for c in self.effective_clusters]
         if len(ids) != len(set(ids)):
             raise ValueError(f"cluster ids must be unique, got {ids}")
         if self.default_cluster is not None and self.default_cluster not in ids:
             raise ValueError(f"default_cluster {self.default_cluster!r} is not among {ids}")
         return self
+
+    @property
+    def effective_clusters(self) -> list[TokenReviewCluster | JwtCluster]:
+        """The clusters from the file, plus the one the ``k8s_*`` shorthands describe."""
+        clusters: list[TokenReviewCluster | JwtCluster] = list(self.clusters)
+        taken = {c.cluster_id for c in clusters}
+        cluster_id = DEFAULT_CLUSTER_ID if DEFAULT_CLUSTER_ID not in taken else "default"
+        if self.k8s_api_server:
+            clusters.append(
+                TokenReviewCluster(
+                    cluster_id=cluster_id,
+                    api_server=self.k8s_api_server,
+                    ca_file=self.k8s_ca_file,
+                    credentials_file=self.k8s_credentials_file,
+                    audiences=self.token_audience,
+                )
+            )
+        elif self.k8s_oidc_issuer:
+            clusters.append(
+                JwtCluster(
+                    cluster_id=cluster_id,
+                    issuer=self.k8s_oidc_issuer,
+                    jwks_url=self.k8s_jwks_url,
+                    ca_file=self.k8s_ca_file,
+                    audiences=self.token_audience,
+                )
+            )
+        return clusters
 
     @property
     def trust_domain_value(self) -> TrustDomain:
@@ -182,10 +252,6 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'meshca.db'}"
-
-    @property
-    def root_key_file(self) -> Path:
-        return self.signer.key_file or self.state_dir / "root-key.pem"
 
     @classmethod
     def settings_customise_sources(

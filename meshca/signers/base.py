@@ -93,7 +93,7 @@ class _EcSignerKey(ec.EllipticCurvePrivateKey):
     def private_bytes(
         self,
         encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,  # noqa: A002 - cryptography's parameter name
+        format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
         _refuse("exporting the private key")
@@ -139,7 +139,7 @@ class _RsaSignerKey(rsa.RSAPrivateKey):
     def private_bytes(
         self,
         encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,  # noqa: A002 - cryptography's parameter name
+        format: serialization.PrivateFormat,
         encryption_algorithm: serialization.KeySerializationEncryption,
     ) -> bytes:
         _refuse("exporting the private key")

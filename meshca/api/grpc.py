@@ -1,0 +1,171 @@
+"""gRPC front door: Istio's IstioCertificateService, translated to the CA's domain calls.
+
+This module is the only place where meshca errors become gRPC status codes:
+
+    AuthenticationError           -> UNAUTHENTICATED
+    PolicyError                   -> PERMISSION_DENIED
+    CSRError (identity mismatch)  -> PERMISSION_DENIED
+    CSRError (anything else)      -> INVALID_ARGUMENT
+    SignerError, StoreError       -> UNAVAILABLE (the caller may retry)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import grpc
+from grpc import aio
+
+from meshca.api._proto import istioca_pb2, istioca_pb2_grpc
+from meshca.authn.base import Authenticator, Credential, Peer
+from meshca.ca.authority import Authority, IssueRequest
+from meshca.errors import (
+    AuthenticationError,
+    CSRError,
+    MeshcaError,
+    PolicyError,
+    SignerError,
+    StoreError,
+)
+from meshca.metrics import CAMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 32 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+_PERMISSION_REASONS = frozenset({"csr_identity_mismatch"})
+
+
+def status_for(error: MeshcaError) -> grpc.StatusCode:
+    """The gRPC status code for a meshca error (see module docstring)."""
+    if isinstance(error, AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, PolicyError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(error, CSRError):
+        if error.reason in _PERMISSION_REASONS:
+            return grpc.StatusCode.PERMISSION_DENIED
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, SignerError | StoreError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def peer_address(context: aio.ServicerContext[object, object]) -> str:
+    """``ipv4:1.2.3.4:5`` / ``ipv6:[::1]:5`` as gRPC reports it, without the family prefix."""
+    raw: str = context.peer() or "unknown"
+    for prefix in ("ipv4:", "ipv6:"):
+        if raw.startswith(prefix):
+            return raw[len(prefix) :]
+    return raw
+
+
+def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Credential:
+    """Read ``authorization: Bearer <token>`` and the optional ``clusterid`` header."""
+    token: str | None = None
+    cluster: str | None = None
+    for key, value in metadata:
+        if isinstance(value, bytes):
+            continue
+        lowered = key.lower()
+        if lowered == "authorization":
+            scheme, _, rest = value.partition(" ")
+            if scheme.lower() != "bearer" or not rest.strip():
+                raise AuthenticationError(
+                    "the authorization header must be 'Bearer <token>'",
+                    reason="malformed_authorization",
+                )
+            token = rest.strip()
+        elif lowered == "clusterid":
+            cluster = value.strip() or None
+    return Credential(bearer_token=token, cluster_id=cluster)
+
+
+class CertificateFrontend:
+    """What both gRPC services share: authenticate, issue, count, map errors."""
+
+    def __init__(
+        self, authority: Authority, authenticator: Authenticator, metrics: CAMetrics
+    ) -> None:
+        self.authority = authority
+        self.authenticator = authenticator
+        self.metrics = metrics
+
+    async def create(
+        self,
+        api: str,
+        request: IssueRequest,
+        context: aio.ServicerContext[object, object],
+    ) -> tuple[str, ...]:
+        """Issue for the calling peer, or abort the RPC with the mapped status code."""
+        started = time.perf_counter()
+        peer = Peer(address=peer_address(context))
+        try:
+            try:
+                credential = credential_from_metadata(tuple(context.invocation_metadata() or ()))
+                attestation = await self.authenticator.authenticate(credential, peer)
+            except AuthenticationError as exc:
+                self.metrics.auth_failures.labels(exc.reason).inc()
+                raise
+            issued = await self.authority.issue(request, attestation, peer)
+        except MeshcaError as exc:
+            self.metrics.refused.labels(api, exc.reason).inc()
+            self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
+            log.info("refused %s request from %s: %s (%s)", api, peer.address, exc, exc.reason)
+            await context.abort(status_for(exc), exc.message)
+            raise AssertionError("unreachable: abort raises") from exc
+        self.metrics.issued.labels(api, str(attestation.method)).inc()
+        self.metrics.latency.labels(api, "issued").observe(time.perf_counter() - started)
+        log.info(
+            "issued %s serial %s to %s via %s (ledger #%d)",
+            attestation.spiffe_id,
+            issued.serial_hex,
+            peer.address,
+            attestation.method,
+            issued.ledger_sequence,
+        )
+        return issued.chain_pem
+
+
+class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):  # type: ignore[misc]
+    """``istio.v1.auth.IstioCertificateService``: wire-compatible with istio-agent."""
+
+    API = "istio"
+
+    def __init__(self, frontend: CertificateFrontend) -> None:
+        self._frontend = frontend
+
+    async def CreateCertificate(  # noqa: N802 - name fixed by the wire contract
+        self,
+        request: istioca_pb2.IstioCertificateRequest,
+        context: aio.ServicerContext[object, object],
+    ) -> istioca_pb2.IstioCertificateResponse:
+        if request.HasField("metadata") and "ImpersonatedIdentity" in request.metadata.fields:
+            self._frontend.metrics.refused.labels(self.API, "impersonation").inc()
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "impersonated identities are not supported: each workload must present "
+                "its own credential",
+            )
+        ttl = (
+            timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else None
+        )
+        chain = await self._frontend.create(
+            self.API, IssueRequest(csr=request.csr, requested_ttl=ttl), context
+        )
+        return istioca_pb2.IstioCertificateResponse(cert_chain=list(chain))
+
+
+def add_services(server: aio.Server, frontend: CertificateFrontend) -> None:
+    istioca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(
+        IstioCertificateService(frontend), server
+    )

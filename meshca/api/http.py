@@ -1,0 +1,86 @@
+"""HTTP endpoints (aiohttp): trust bundle, health, readiness, Prometheus metrics.
+
+GET /v1/bundle                  PEM trust bundle (every root relying parties trust)
+GET /v1/bundle?format=spiffe    SPIFFE bundle JSON (JWKS with x509-svid keys)
+GET /healthz                    the process is up
+GET /readyz                     200 only when the signer and the database answer
+GET /metrics                    Prometheus text format
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshca.ca.authority import Authority
+from meshca.errors import MeshcaError
+from meshca.metrics import CAMetrics
+from meshca.pki.bundle import bundle_pem, spiffe_bundle
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+BUNDLE_REFRESH_HINT = timedelta(minutes=5)
+READINESS_TIMEOUT_SECONDS = 5.0
+
+AUTHORITY_KEY = web.AppKey("authority", Authority)
+METRICS_KEY = web.AppKey("metrics", CAMetrics)
+CHECKS_KEY = web.AppKey("checks", dict[str, ReadinessCheck])
+
+
+async def bundle(request: web.Request) -> web.Response:
+    authority = request.app[AUTHORITY_KEY]
+    certs = authority.trust_bundle()
+    fmt = request.query.get("format", "pem")
+    if fmt == "pem":
+        return web.Response(text=bundle_pem(certs), content_type="application/x-pem-file")
+    if fmt == "spiffe":
+        doc = spiffe_bundle(authority.trust_domain, certs, refresh_hint=BUNDLE_REFRESH_HINT)
+        return web.Response(text=json.dumps(doc, indent=2), content_type="application/json")
+    raise web.HTTPBadRequest(text=f"unknown format {fmt[:40]!r}; use 'pem' or 'spiffe'\n")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Run every readiness check; 503 with the failing ones named."""
+    failures: list[str] = []
+    for name, check in request.app[CHECKS_KEY].items():
+        try:
+            await asyncio.wait_for(check(), READINESS_TIMEOUT_SECONDS)
+        except TimeoutError:
+            failures.append(f"{name}: no answer within {READINESS_TIMEOUT_SECONDS:g}s")
+        except MeshcaError as exc:
+            failures.append(f"{name}: {exc.message}")
+    if failures:
+        return web.Response(status=503, text="not ready\n" + "\n".join(failures) + "\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    resp = web.Response(body=body)
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+def build_app(
+    authority: Authority, ca_metrics: CAMetrics, checks: dict[str, ReadinessCheck]
+) -> web.Application:
+    app = web.Application(client_max_size=4096)
+    app[AUTHORITY_KEY] = authority
+    app[METRICS_KEY] = ca_metrics
+    app[CHECKS_KEY] = checks
+    app.router.add_get("/v1/bundle", bundle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

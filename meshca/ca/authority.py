@@ -1,0 +1,299 @@
+"""The certificate authority: turns an Attestation and a CSR into a ledgered X509-SVID.
+
+Each process holds its own issuing intermediate, whose private key lives only in memory
+(or, later, in an HSM), signed by the active root through the Signer seam and rotated
+well before it expires (the SPIRE HA model). Every certificate handed out has a committed
+ledger row first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshca.authn.base import Attestation, Peer
+from meshca.ca.policy import IssuancePolicy
+from meshca.errors import CSRError, StoreError
+from meshca.pki import csr as csr_checks
+from meshca.pki import profile
+from meshca.pki.keys import KeyAlgorithm, PrivateKey, PublicKey
+from meshca.signers.base import Signer
+from meshca.spiffe import SpiffeId, TrustDomain
+from meshca.store import IntermediateRecord, NewIssuance, RootRecord, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuingCA:
+    """The in-memory issuing intermediate of this process."""
+
+    key: PrivateKey | Signer
+    certificate: x509.Certificate
+    fingerprint: str
+    rotate_at: datetime
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRequest:
+    """A caller's request, already decoded from the wire."""
+
+    csr: bytes | str
+    requested_ttl: timedelta | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A signed leaf with its chain (leaf first, root last) and its ledger sequence."""
+
+    certificate: x509.Certificate
+    chain_pem: tuple[str, ...]
+    ledger_sequence: int
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.certificate.serial_number, "x")
+
+
+@dataclass(frozen=True, slots=True)
+class IntermediateSettings:
+    ttl: timedelta = timedelta(hours=48)
+    rotate_fraction: float = 0.5
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    name_constraints: bool = False
+
+
+def process_owner() -> str:
+    """Identifies the process that holds an intermediate's key, for the store."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Authority:
+    """Issues X509-SVIDs under one trust domain. Safe to share across coroutines."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        root_signer: Signer,
+        root: RootRecord,
+        store: Store,
+        policy: IssuancePolicy,
+        intermediate: IntermediateSettings | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.trust_domain = trust_domain
+        self.policy = policy
+        self._root_signer = root_signer
+        self._root = root
+        self._root_cert = x509.load_pem_x509_certificate(root.certificate_pem.encode())
+        self._root_pem = pem(self._root_cert)
+        self._store = store
+        self._settings = intermediate or IntermediateSettings()
+        self._clock = clock
+        self._issuing: IssuingCA | None = None
+        self._rotation_lock = asyncio.Lock()
+        self._bundle: tuple[x509.Certificate, ...] = (self._root_cert,)
+
+    @property
+    def root_certificate(self) -> x509.Certificate:
+        return self._root_cert
+
+    @property
+    def current_issuing_ca(self) -> IssuingCA | None:
+        return self._issuing
+
+    def trust_bundle(self) -> tuple[x509.Certificate, ...]:
+        """The CA certificates relying parties should trust (every unexpired known root)."""
+        return self._bundle
+
+    async def refresh_trust_bundle(self) -> None:
+        """Reload roots from the store (another replica may have added one)."""
+        roots = await asyncio.to_thread(self._store.list_roots)
+        now = self._clock()
+        certs = [
+            x509.load_pem_x509_certificate(r.certificate_pem.encode())
+            for r in roots
+            if r.not_after > now
+        ]
+        if self._root_cert not in certs:
+            certs.insert(0, self._root_cert)
+        self._bundle = tuple(certs)
+
+    async def issuing_ca(self) -> IssuingCA:
+        """The current issuing intermediate, minted or rotated first when due."""
+        current = self._issuing
+        if current is not None and self._clock() < current.rotate_at:
+            return current
+        async with self._rotation_lock:
+            current = self._issuing
+            if current is not None and self._clock() < current.rotate_at:
+                return current
+            fresh = await self._mint_intermediate()
+            self._issuing = fresh
+            if current is not None:
+                log.info(
+                    "rotated issuing intermediate %s -> %s (old one expires %s)",
+                    current.fingerprint[:16],
+                    fresh.fingerprint[:16],
+                    current.not_after.isoformat(),
+                )
+            return fresh
+
+    async def _mint_intermediate(self) -> IssuingCA:
+        settings = self._settings
+        key = settings.key_algorithm.generate()
+        now = self._clock()
+        cert = await asyncio.to_thread(
+            profile.build_intermediate,
+            self._root_signer,
+            self._root_cert,
+            key.public_key(),
+            self.trust_domain,
+            ttl=settings.ttl,
+            now=now,
+            name_constraints=settings.name_constraints,
+        )
+        fingerprint = profile.fingerprint(cert)
+        record = IntermediateRecord(
+            fingerprint=fingerprint,
+            serial_hex=format(cert.serial_number, "x"),
+            root_fingerprint=self._root.fingerprint,
+            certificate_pem=pem(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            owner=process_owner(),
+            created_at=now,
+        )
+        await asyncio.to_thread(self._store.add_intermediate, record)
+        life = cert.not_valid_after_utc - now
+        rotate_at = now + life * settings.rotate_fraction
+        log.info(
+            "issuing intermediate %s ready, valid until %s, rotates at %s",
+            fingerprint[:16],
+            cert.not_valid_after_utc.isoformat(),
+            rotate_at.isoformat(),
+        )
+        return IssuingCA(key=key, certificate=cert, fingerprint=fingerprint, rotate_at=rotate_at)
+
+    async def issue(
+        self, request: IssueRequest, attestation: Attestation, peer: Peer
+    ) -> IssuedCertificate:
+        """Check the CSR against the attested identity, sign, ledger, return the chain.
+
+        Raises CSRError, PolicyError, SignerError or StoreError; a refusal writes nothing.
+        """
+        csr = csr_checks.load_csr(request.csr)
+        self.policy.check_identity(attestation)
+        public_key = csr_checks.check_csr(csr, attestation.spiffe_id)
+        lifetime = self.policy.lifetime(request.requested_ttl)
+        return await self._sign_and_record(
+            public_key=public_key,
+            spiffe_id=attestation.spiffe_id,
+            lifetime=lifetime,
+            auth_method=str(attestation.method),
+            evidence=attestation.evidence_summary(),
+            peer_address=peer.address,
+            request_id=request.request_id,
+            csr_digest=csr_checks.csr_sha256(request.csr),
+        )
+
+    async def issue_server_certificate(
+        self, spiffe_id: SpiffeId, dns_names: Sequence[str], lifetime: timedelta
+    ) -> tuple[bytes, tuple[str, ...]]:
+        """A TLS certificate for this CA's own endpoints; returns (key PEM, chain PEM).
+
+        The key is generated here and kept in memory by the caller; the issuance is
+        ledgered like any other, with auth method ``ca-internal``.
+        """
+        key = KeyAlgorithm.EC_P256.generate()
+        issued = await self._sign_and_record(
+            public_key=key.public_key(),
+            spiffe_id=spiffe_id,
+            lifetime=lifetime,
+            auth_method="ca-internal",
+            evidence=f"process:{process_owner()}",
+            peer_address="local",
+            request_id=None,
+            csr_digest=None,
+            dns_names=dns_names,
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return key_pem, issued.chain_pem
+
+    async def _sign_and_record(
+        self,
+        *,
+        public_key: PublicKey,
+        spiffe_id: SpiffeId,
+        lifetime: timedelta,
+        auth_method: str,
+        evidence: str,
+        peer_address: str,
+        request_id: str | None,
+        csr_digest: str | None,
+        dns_names: Sequence[str] = (),
+    ) -> IssuedCertificate:
+        ca = await self.issuing_ca()
+        now = self._clock()
+        not_after = min(now + lifetime, ca.not_after)
+        if not_after <= now:
+            raise CSRError("the issuing intermediate has expired", reason="issuer_expired")
+        cert = profile.build_svid(
+            ca.key,
+            ca.certificate,
+            public_key,
+            spiffe_id,
+            not_after=not_after,
+            now=now,
+            dns_names=dns_names,
+        )
+        leaf_pem = pem(cert)
+        entry = NewIssuance(
+            serial_hex=format(cert.serial_number, "x"),
+            spiffe_id=str(spiffe_id),
+            auth_method=auth_method,
+            evidence=evidence,
+            peer_address=peer_address,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            intermediate_fingerprint=ca.fingerprint,
+            certificate_pem=leaf_pem,
+            issued_at=now,
+            request_id=request_id,
+            csr_sha256=csr_digest,
+        )
+        try:
+            row = await asyncio.to_thread(self._store.append_issuance, entry)
+        except StoreError:
+            log.error("ledger write failed; certificate %s withheld", entry.serial_hex)
+            raise
+        chain = (leaf_pem, pem(ca.certificate), self._root_pem)
+        return IssuedCertificate(certificate=cert, chain_pem=chain, ledger_sequence=row.sequence)

@@ -1,0 +1,98 @@
+"""Options and helpers shared by the ``meshca`` sub-commands."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from meshca.config import Settings, load_settings
+from meshca.errors import ConfigError, MeshcaError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def env_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option that also reads ``MESHCA_<env>`` and shows it in --help."""
+    return click.option(*decls, envvar=f"MESHCA_{env}", show_envvar=True, **kwargs)
+
+
+def settings_options(func: F) -> F:
+    """--config, --state-dir and --database-url: what every command needs to find its data."""
+    for option in reversed(
+        (
+            env_option(
+                "--config",
+                "config_file",
+                env="CONFIG",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="YAML or TOML config file; flags and MESHCA_* variables override it.",
+            ),
+            env_option(
+                "--state-dir",
+                env="STATE_DIR",
+                type=click.Path(path_type=Path, file_okay=False),
+                help="Directory for the SQLite database and the file root key "
+                "[default: $XDG_STATE_HOME/meshca or ~/.local/state/meshca].",
+            ),
+            env_option(
+                "--database-url",
+                env="DATABASE_URL",
+                help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+                "[default: sqlite:///<state-dir>/meshca.db].",
+            ),
+        )
+    ):
+        func = option(func)
+    return func
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"meshca: error: {message}", err=True)
+    sys.exit(code)
+
+
+def load(config_file: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config_file, **overrides)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+
+
+def reports_errors(func: F) -> F:
+    """Turn meshca errors into one clear line on stderr and a non-zero exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            fail(exc.message, 2)
+        except MeshcaError as exc:
+            fail(exc.message, 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table for terminals."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

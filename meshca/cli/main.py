@@ -1,0 +1,19 @@
+"""The ``meshca`` command: ``server`` and ``admin`` (more sub-commands plug in here)."""
+
+from __future__ import annotations
+
+import click
+
+from meshca import __version__
+from meshca.cli.admin import admin
+from meshca.cli.server import server
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="meshca")
+def main() -> None:
+    """meshca: a workload-identity CA issuing SPIFFE X509-SVIDs for service meshes."""
+
+
+main.add_command(server)
+main.add_command(admin)

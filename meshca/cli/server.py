@@ -1,0 +1,138 @@
+"""``meshca server``: run the CA."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from meshca.cli.common import env_option, load, reports_errors, settings_options, setup_logging
+from meshca.durations import parse_duration
+
+
+class DurationParam(click.ParamType):  # type: ignore[type-arg]
+    """``90s``, ``30m``, ``24h``, ``10y``: the same syntax as the config file."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+DURATION = DurationParam()
+
+
+@click.command()
+@settings_options
+@env_option(
+    "--trust-domain", env="TRUST_DOMAIN", help="SPIFFE trust domain [default: cluster.local]."
+)
+@env_option(
+    "--grpc-listen",
+    env="GRPC_LISTEN",
+    metavar="HOST:PORT",
+    help="Address of the certificate API [default: 0.0.0.0:15012].",
+)
+@env_option(
+    "--http-listen",
+    env="HTTP_LISTEN",
+    metavar="HOST:PORT",
+    help="Address of the bundle, health and metrics endpoints [default: 0.0.0.0:15014].",
+)
+@env_option(
+    "--plaintext",
+    env="PLAINTEXT",
+    is_flag=True,
+    default=None,
+    help="Serve gRPC without TLS. For local development only.",
+)
+@env_option(
+    "--server-dns-name",
+    "server_dns_names",
+    env="SERVER_DNS_NAMES",
+    multiple=True,
+    help="DNS name in the CA's own TLS certificate (repeatable) [default: localhost].",
+)
+@env_option(
+    "--k8s-oidc-issuer",
+    env="K8S_OIDC_ISSUER",
+    metavar="URL",
+    help="Validate service-account tokens locally: the issuer ('iss'), whose JWKS is "
+    "found by OIDC discovery.",
+)
+@env_option(
+    "--k8s-jwks-url",
+    env="K8S_JWKS_URL",
+    metavar="URL",
+    help="With --k8s-oidc-issuer: fetch the keys from this URL instead of discovery.",
+)
+@env_option(
+    "--k8s-api-server",
+    env="K8S_API_SERVER",
+    metavar="URL",
+    help="Validate service-account tokens with TokenReview on this API server.",
+)
+@env_option(
+    "--k8s-ca-file",
+    env="K8S_CA_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM bundle that verifies the API server's or issuer's TLS certificate.",
+)
+@env_option(
+    "--k8s-credentials-file",
+    env="K8S_CREDENTIALS_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File with the bearer token meshca presents for TokenReview (re-read per call).",
+)
+@env_option(
+    "--token-audience",
+    env="TOKEN_AUDIENCE",
+    multiple=True,
+    help="Audience a service-account token must carry (repeatable) [default: istio-ca].",
+)
+@env_option(
+    "--max-ttl",
+    env="MAX_TTL",
+    type=DURATION,
+    help="Longest certificate lifetime granted; longer requests are clamped [default: 24h].",
+)
+@env_option(
+    "--default-ttl",
+    env="DEFAULT_TTL",
+    type=DURATION,
+    help="Lifetime when the request names none [default: 1h].",
+)
+@env_option(
+    "--log-level",
+    env="LOG_LEVEL",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="[default: INFO]",
+)
+@reports_errors
+def server(config_file: Path | None, **flags: object) -> None:
+    """Run the certificate authority.
+
+    On first start with the default file signer it creates a root key (mode 0600) and a
+    self-signed root under the state directory, and a SQLite ledger beside them; later
+    starts reuse both.
+    """
+    for name in ("server_dns_names", "token_audience"):
+        if flags.get(name) == ():
+            flags[name] = None
+    settings = load(config_file, **flags)
+    setup_logging(settings.log_level)
+    from meshca.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,160 @@
+"""Engines for SQLite and PostgreSQL, and turning driver errors into StoreError.
+
+SQLite (the one-machine default) gets WAL journaling so readers never block the writer,
+``foreign_keys=ON``, a busy timeout so concurrent writers wait instead of failing, and
+SQLAlchemy-controlled ``BEGIN``: Python's sqlite3 module would otherwise start
+transactions late (or never, for DDL). A write transaction asks for ``BEGIN IMMEDIATE``
+through the ``sqlite_begin`` execution option, taking the database's write lock before
+it reads, which is what serialises ledger appends across processes.
+
+PostgreSQL goes through psycopg 3 (``postgresql+psycopg://``; a bare ``postgresql://``
+or ``postgres://`` URL is read as psycopg too), with a connect timeout and pre-ping so a
+restarted server does not fail the first request after it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from meshca.errors import StoreError
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+SQLITE_BEGIN_OPTION = "sqlite_begin"
+
+
+def parse_url(url: str) -> URL:
+    """Parse a database URL, choosing psycopg 3 for PostgreSQL; raise StoreError if invalid."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        # The message would echo the URL, password included: say only what is wrong.
+        raise StoreError(
+            "database URL is not a valid SQLAlchemy URL (expected e.g. "
+            "sqlite:///path/meshca.db or postgresql+psycopg://user@host/db)",
+            reason="invalid_database_url",
+        ) from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def redact(url: URL) -> str:
+    """The URL as text with any password replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _enable_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch the database file to WAL (persistent; a no-op once done).
+
+    The switch needs an exclusive lock and SQLite does not run the busy handler for it,
+    so processes opening a brand-new file together retry here instead of failing.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+    # Hand transaction control to SQLAlchemy (see _on_sqlite_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        _enable_wal(cursor)
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(url: URL, *, echo: bool = False) -> Engine:
+    """Create the engine for ``url``; for a SQLite file, create its directory first."""
+    try:
+        if url.get_backend_name() == "sqlite":
+            path = _sqlite_file(url)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                url,
+                echo=echo,
+                pool_pre_ping=True,
+                connect_args={
+                    "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
+                    "check_same_thread": False,
+                },
+            )
+            event.listen(engine, "connect", _on_sqlite_connect)
+            event.listen(engine, "begin", _on_sqlite_begin)
+            return engine
+        connect_args: dict[str, object] = {}
+        if url.get_backend_name() == "postgresql":
+            connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_SECONDS
+        return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise StoreError(
+            f"cannot use database {redact(url)}: {exc}; supported: sqlite:///<path>, "
+            "postgresql+psycopg://user[:password]@host[:port]/db",
+            reason="invalid_database_url",
+        ) from exc
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the directory for database {redact(url)}: {exc.strerror}",
+            reason="database_unavailable",
+        ) from exc
+
+
+def _detail(exc: BaseException, url: URL) -> str:
+    """A one-line description of a driver error, without SQL, parameters or password."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = "; ".join(lines[:3]) or type(cause).__name__
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return f"{type(cause).__name__}: {text}"
+
+
+def wrap_error(what: str, exc: SQLAlchemyError, url: URL) -> StoreError:
+    """StoreError for ``exc``, raised while doing ``what`` (e.g. "appending to the ledger")."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        reason = "database_unavailable"
+    elif isinstance(exc, IntegrityError):
+        reason = "integrity_error"
+    else:
+        reason = "database_error"
+    return StoreError(f"{what} failed on {redact(url)}: {_detail(exc, url)}", reason=reason)

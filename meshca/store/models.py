@@ -1,0 +1,160 @@
+"""The four tables: roots, intermediates, the issuance ledger and its head.
+
+These SQLModel classes are the schema as the code sees it; the migrations in
+``meshca/store/migrations/versions`` are the schema as the database gets it, and the two
+must agree (a test compares them). Every column is declared with an explicit SQLAlchemy
+type so both agree on SQLite and PostgreSQL alike.
+
+``ledger.sequence`` is assigned by :class:`meshca.store.Store`, never by the database: it
+must be contiguous (1, 2, 3, ...) for the hash chain to be checkable, which an
+autoincrement column does not promise.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+from meshca.store._types import UTCDateTime
+
+HASH_HEX_LENGTH = 64
+ROOT_STATES = frozenset({"active", "retired"})
+ROOT_BACKENDS = frozenset({"file", "pkcs11", "gcpkms"})
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _hex(name: str) -> Column[str]:
+    return Column(name, String(HASH_HEX_LENGTH), nullable=False)
+
+
+def _text(name: str, *, nullable: bool = False, index: bool = False) -> Column[str]:
+    return Column(name, Text, nullable=nullable, index=index)
+
+
+def _when(name: str) -> Column[datetime]:
+    return Column(name, UTCDateTime(), nullable=False)
+
+
+class RootRecord(SQLModel, table=True):
+    """A root CA certificate and where its private key lives (``backend`` + ``key_ref``).
+
+    At most one root is ``active`` (the one that signs new intermediates); retired roots
+    stay in the trust bundle until they expire. ``fingerprint`` is the lowercase hex
+    SHA-256 of the certificate's DER encoding.
+    """
+
+    __tablename__ = "roots"
+    __table_args__ = (
+        UniqueConstraint("fingerprint", name="uq_roots_fingerprint"),
+        # A backstop for the rule Store.add_root enforces: two active roots is an error.
+        Index(
+            "uq_roots_one_active",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column("id", Integer, primary_key=True))
+    fingerprint: str = Field(sa_column=_hex("fingerprint"))
+    subject: str = Field(sa_column=_text("subject"))
+    backend: str = Field(sa_column=Column("backend", String(32), nullable=False))
+    key_ref: str = Field(sa_column=_text("key_ref"))
+    algorithm: str = Field(sa_column=Column("algorithm", String(32), nullable=False))
+    certificate_pem: str = Field(sa_column=_text("certificate_pem"))
+    not_before: datetime = Field(sa_column=_when("not_before"))
+    not_after: datetime = Field(sa_column=_when("not_after"))
+    state: str = Field(sa_column=Column("state", String(16), nullable=False))
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_when("created_at"))
+
+
+class IntermediateRecord(SQLModel, table=True):
+    """An issuing intermediate, signed by a root, held in memory by one CA process.
+
+    ``owner`` is ``hostname:pid`` of the process that holds the private key, so an
+    operator can tell which replica issued with which intermediate.
+    """
+
+    __tablename__ = "intermediates"
+    __table_args__ = (UniqueConstraint("fingerprint", name="uq_intermediates_fingerprint"),)
+
+    id: int | None = Field(default=None, sa_column=Column("id", Integer, primary_key=True))
+    fingerprint: str = Field(sa_column=_hex("fingerprint"))
+    serial_hex: str = Field(sa_column=Column("serial_hex", String(64), nullable=False))
+    root_fingerprint: str = Field(
+        sa_column=Column(
+            "root_fingerprint",
+            String(HASH_HEX_LENGTH),
+            ForeignKey("roots.fingerprint", name="fk_intermediates_root_fingerprint"),
+            nullable=False,
+        )
+    )
+    certificate_pem: str = Field(sa_column=_text("certificate_pem"))
+    not_before: datetime = Field(sa_column=_when("not_before"))
+    not_after: datetime = Field(sa_column=_when("not_after"))
+    owner: str = Field(sa_column=_text("owner"))
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_when("created_at"))
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One issued certificate, chained to the previous row by ``prev_hash``.
+
+    See :mod:`meshca.store.chain` for how ``row_hash`` is computed. ``certificate_pem``
+    is the issued leaf, kept so that a retry carrying the same ``request_id`` gets the
+    same certificate back.
+    """
+
+    __tablename__ = "ledger"
+
+    sequence: int = Field(
+        sa_column=Column("sequence", BigInteger, primary_key=True, autoincrement=False)
+    )
+    serial_hex: str = Field(sa_column=Column("serial_hex", String(64), nullable=False))
+    spiffe_id: str = Field(sa_column=_text("spiffe_id"))
+    auth_method: str = Field(sa_column=Column("auth_method", String(64), nullable=False))
+    evidence: str = Field(sa_column=_text("evidence"))
+    peer_address: str = Field(sa_column=_text("peer_address"))
+    not_before: datetime = Field(sa_column=_when("not_before"))
+    not_after: datetime = Field(sa_column=_when("not_after"))
+    intermediate_fingerprint: str = Field(sa_column=_hex("intermediate_fingerprint"))
+    request_id: str | None = Field(
+        default=None, sa_column=_text("request_id", nullable=True, index=True)
+    )
+    csr_sha256: str | None = Field(
+        default=None, sa_column=Column("csr_sha256", String(HASH_HEX_LENGTH), nullable=True)
+    )
+    certificate_pem: str = Field(sa_column=_text("certificate_pem"))
+    issued_at: datetime = Field(sa_column=_when("issued_at"))
+    prev_hash: str = Field(sa_column=_hex("prev_hash"))
+    row_hash: str = Field(sa_column=_hex("row_hash"))
+
+
+class LedgerHead(SQLModel, table=True):
+    """The single row (``id = 1``) naming the ledger's last sequence and row hash.
+
+    It is updated in the same transaction as every append, so deleting rows from the end
+    of the ledger (which leaves a valid, shorter chain) still shows up in verification.
+    Appends lock this row, which is what serialises writers across processes.
+    """
+
+    __tablename__ = "ledger_head"
+
+    id: int = Field(sa_column=Column("id", Integer, primary_key=True, autoincrement=False))
+    last_sequence: int = Field(sa_column=Column("last_sequence", BigInteger, nullable=False))
+    last_hash: str = Field(sa_column=_hex("last_hash"))

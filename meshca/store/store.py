@@ -1,0 +1,265 @@
+"""The repository: every read and write meshca makes to its database.
+
+Methods are synchronous (async callers use ``asyncio.to_thread``) and each runs in its
+own short transaction. Appends to the ledger are serialised by locking the
+``ledger_head`` row (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite), so any number of threads, worker processes and replicas sharing one database
+extend a single valid chain. Every SQLAlchemy or driver error leaves as a
+:class:`~meshca.errors.StoreError` naming what failed and the database URL without its
+password.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, SQLModel, col, select
+
+from meshca.errors import StoreError
+from meshca.store import migrate
+from meshca.store._types import to_utc
+from meshca.store.chain import NewIssuance
+from meshca.store.engine import SQLITE_BEGIN_OPTION, make_engine, parse_url, redact, wrap_error
+from meshca.store.models import (
+    ROOT_BACKENDS,
+    ROOT_STATES,
+    IntermediateRecord,
+    LedgerEntry,
+    LedgerHead,
+    RootRecord,
+)
+from meshca.store.verify import ChainVerifier, LedgerReport
+
+HEAD_ID = 1
+VERIFY_BATCH_SIZE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """How many rows each table holds (for ``meshca admin status`` and metrics)."""
+
+    roots: int
+    intermediates: int
+    issued: int
+
+
+class Store:
+    """meshca's database: roots, intermediates and the hash-chained issuance ledger."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self._url = parse_url(url)
+        self._engine = make_engine(self._url, echo=echo)
+        self._is_postgres = self._engine.dialect.name == "postgresql"
+        self._writer = self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect and apply any pending migrations (what the server does at start-up)."""
+        store = cls(url)
+        try:
+            store.upgrade()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def redacted_url(self) -> str:
+        """The database URL with the password replaced by ``***`` (safe to log)."""
+        return redact(self._url)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    @contextmanager
+    def _session(self, what: str, *, write: bool = False) -> Iterator[Session]:
+        """A session in one transaction, committed on success; errors become StoreError."""
+        try:
+            with Session(self._writer if write else self._engine, expire_on_commit=False) as s:
+                with s.begin():
+                    yield s
+        except SQLAlchemyError as exc:
+            raise wrap_error(what, exc, self._url) from exc
+
+    # -- schema -----------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Apply pending Alembic migrations; idempotent and safe to run concurrently."""
+        try:
+            migrate.upgrade(self._engine)
+        except SQLAlchemyError as exc:
+            raise wrap_error("migrating the database schema", exc, self._url) from exc
+
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (None before the first upgrade)."""
+        try:
+            with self._engine.connect() as connection:
+                return migrate.current_revision(connection)
+        except SQLAlchemyError as exc:
+            raise wrap_error("reading the schema revision", exc, self._url) from exc
+
+    def ping(self) -> None:
+        """Run ``SELECT 1``; raise StoreError(reason="database_unavailable") on failure."""
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            error = wrap_error("pinging the database", exc, self._url)
+            raise StoreError(error.message, reason="database_unavailable") from exc
+
+    # -- roots and intermediates ------------------------------------------------------
+
+    def add_root(self, record: RootRecord) -> RootRecord:
+        """Store a root. Adding an ``active`` root retires the previously active one.
+
+        Both happen in one transaction under a lock, so there is never a moment with two
+        active roots, or none, even when two replicas race.
+        """
+        if record.state not in ROOT_STATES:
+            raise ValueError(f"root state {record.state!r}; allowed: {sorted(ROOT_STATES)}")
+        if record.backend not in ROOT_BACKENDS:
+            raise ValueError(f"root backend {record.backend!r}; allowed: {sorted(ROOT_BACKENDS)}")
+        _check_times(
+            not_before=record.not_before,
+            not_after=record.not_after,
+            created_at=record.created_at,
+        )
+        with self._session(f"adding root {record.fingerprint}", write=True) as session:
+            if self._is_postgres:
+                session.execute(text("LOCK TABLE roots IN SHARE ROW EXCLUSIVE MODE"))
+            if record.state == "active":
+                for previous in session.exec(
+                    select(RootRecord).where(RootRecord.state == "active")
+                ):
+                    previous.state = "retired"
+                session.flush()
+            session.add(record)
+        return record
+
+    def active_root(self) -> RootRecord | None:
+        """The root that signs new intermediates, if there is one."""
+        with self._session("reading the active root") as session:
+            return session.exec(select(RootRecord).where(RootRecord.state == "active")).first()
+
+    def list_roots(self) -> list[RootRecord]:
+        """Every root, oldest first (the trust bundle publishes the unexpired ones)."""
+        with self._session("listing roots") as session:
+            return list(session.exec(select(RootRecord).order_by(col(RootRecord.id))))
+
+    def add_intermediate(self, record: IntermediateRecord) -> IntermediateRecord:
+        """Store an intermediate; its root must already be stored."""
+        _check_times(
+            not_before=record.not_before,
+            not_after=record.not_after,
+            created_at=record.created_at,
+        )
+        with self._session(f"adding intermediate {record.fingerprint}", write=True) as session:
+            session.add(record)
+        return record
+
+    def list_intermediates(self, *, limit: int | None = None) -> list[IntermediateRecord]:
+        """Intermediates, newest first; at most ``limit`` of them."""
+        statement = select(IntermediateRecord).order_by(col(IntermediateRecord.id).desc())
+        if limit is not None:
+            statement = statement.limit(limit)
+        with self._session("listing intermediates") as session:
+            return list(session.exec(statement))
+
+    # -- the ledger ---------------------------------------------------------------------
+
+    def append_issuance(self, entry: NewIssuance) -> LedgerEntry:
+        """Append one row to the ledger; returns once it is committed (durable)."""
+        return self.append_issuances([entry])[0]
+
+    def append_issuances(self, entries: Sequence[NewIssuance]) -> list[LedgerEntry]:
+        """Append several rows in one transaction (group commit), in the order given."""
+        if not entries:
+            return []
+        with self._session("appending to the ledger", write=True) as session:
+            head = session.exec(
+                select(LedgerHead).where(LedgerHead.id == HEAD_ID).with_for_update()
+            ).first()
+            if head is None:
+                raise StoreError(
+                    f"the ledger_head row is missing in {self.redacted_url()}; the ledger "
+                    "cannot be extended (run the ledger verification)",
+                    reason="ledger_corrupt",
+                )
+            rows: list[LedgerEntry] = []
+            sequence, prev_hash = head.last_sequence, head.last_hash
+            for new in entries:
+                sequence += 1
+                row = new.to_entry(sequence, prev_hash)
+                prev_hash = row.row_hash
+                rows.append(row)
+            session.add_all(rows)
+            head.last_sequence, head.last_hash = sequence, prev_hash
+            session.add(head)
+        return rows
+
+    def find_by_request_id(self, request_id: str) -> LedgerEntry | None:
+        """The earliest ledger row carrying ``request_id`` (answers an idempotent retry)."""
+        statement = (
+            select(LedgerEntry)
+            .where(LedgerEntry.request_id == request_id)
+            .order_by(col(LedgerEntry.sequence))
+            .limit(1)
+        )
+        with self._session("looking up a request id") as session:
+            return session.exec(statement).first()
+
+    def verify_ledger(self) -> LedgerReport:
+        """Check the whole hash chain and the head row; name every sequence that breaks.
+
+        Rows are read in batches of ``VERIFY_BATCH_SIZE`` inside one snapshot (repeatable
+        read on PostgreSQL, one read transaction on SQLite), so memory stays bounded and
+        appends running meanwhile are not mistaken for tampering.
+        """
+        try:
+            with self._engine.connect() as connection:
+                if self._is_postgres:
+                    connection.execution_options(isolation_level="REPEATABLE READ")
+                with Session(connection) as session, session.begin():
+                    head = session.get(LedgerHead, HEAD_ID)
+                    if head is not None:
+                        session.expunge(head)
+                    verifier = ChainVerifier(head=head)
+                    last = None
+                    while True:
+                        statement = select(LedgerEntry).order_by(col(LedgerEntry.sequence))
+                        if last is not None:
+                            statement = statement.where(LedgerEntry.sequence > last)
+                        batch = list(session.exec(statement.limit(VERIFY_BATCH_SIZE)))
+                        for row in batch:
+                            verifier.feed(row)
+                        if len(batch) < VERIFY_BATCH_SIZE:
+                            break
+                        last = batch[-1].sequence
+                        session.expunge_all()
+                    return verifier.finish()
+        except SQLAlchemyError as exc:
+            raise wrap_error("verifying the ledger", exc, self._url) from exc
+
+    def counts(self) -> StoreCounts:
+        """Row counts of roots, intermediates and ledger entries."""
+
+        def count(session: Session, model: type[SQLModel]) -> int:
+            return session.exec(select(func.count()).select_from(model)).one()
+
+        with self._session("counting rows") as session:
+            return StoreCounts(
+                roots=count(session, RootRecord),
+                intermediates=count(session, IntermediateRecord),
+                issued=count(session, LedgerEntry),
+            )
+
+
+def _check_times(**values: datetime) -> None:
+    """Refuse naive datetimes before they reach the database (ValueError naming the field)."""
+    for name, value in values.items():
+        to_utc(value, field=name)

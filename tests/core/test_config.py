@@ -1,0 +1,117 @@
+"""Settings: file + environment + flags, durations, and refusals that name the field."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshca.config import JwtCluster, TokenReviewCluster, load_settings
+from meshca.durations import format_duration, parse_duration
+from meshca.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("30m", 1800),
+        ("24h", 86400),
+        ("10y", 3650 * 86400),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        ("3600", 3600),
+    ],
+)
+def test_durations_are_written_the_same_way_everywhere(text: str, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "h", "1x", "-5s", "1h 2m", "ten minutes"])
+def test_bad_durations_say_what_is_accepted(text: str) -> None:
+    with pytest.raises(ValueError, match="such as '90s'"):
+        parse_duration(text)
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_format_then_parse_is_identity(seconds: int) -> None:
+    value = timedelta(seconds=seconds)
+    assert parse_duration(format_duration(value)) == value
+
+
+def test_defaults_are_secure_and_documented(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.plaintext is False
+    assert settings.max_ttl == timedelta(hours=24)
+    assert settings.default_ttl == timedelta(hours=1)
+    assert settings.intermediate_ttl == timedelta(hours=48)
+    assert settings.token_audience == ["istio-ca"]
+    assert settings.effective_database_url.startswith("sqlite:///")
+
+
+def test_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "meshca.yaml"
+    config.write_text(
+        "trust_domain: from-file.example\nmax_ttl: 12h\ndefault_ttl: 30m\n"
+        "clusters:\n  - mode: tokenreview\n    cluster_id: east\n"
+        "    api_server: https://kube.example:6443\n"
+    )
+    monkeypatch.setenv("MESHCA_MAX_TTL", "6h")
+    settings = load_settings(config, default_ttl="10m")
+    assert settings.trust_domain == "from-file.example"
+    assert settings.max_ttl == timedelta(hours=6)
+    assert settings.default_ttl == timedelta(minutes=10)
+    (cluster,) = settings.effective_clusters
+    assert isinstance(cluster, TokenReviewCluster)
+    assert cluster.cluster_id == "east"
+    assert cluster.audiences == ["istio-ca"]
+
+
+def test_toml_config(tmp_path: Path) -> None:
+    config = tmp_path / "meshca.toml"
+    config.write_text('trust_domain = "toml.example"\n[signer]\nkey_type = "ec-p384"\n')
+    settings = load_settings(config)
+    assert settings.trust_domain == "toml.example"
+    assert settings.signer.key_type == "ec-p384"
+
+
+def test_shorthand_flags_make_one_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHCA_TOKEN_AUDIENCE", "istio-ca,meshca")
+    settings = load_settings(k8s_oidc_issuer="https://issuer.example")
+    (cluster,) = settings.effective_clusters
+    assert isinstance(cluster, JwtCluster)
+    assert cluster.issuer == "https://issuer.example"
+    assert cluster.audiences == ["istio-ca", "meshca"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"trust_domain": "Bad_Domain"}, "trust_domain"),
+        ({"max_ttl": "forever"}, "max_ttl"),
+        ({"max_ttl": "1h", "default_ttl": "2h"}, "default_ttl 2h exceeds max_ttl 1h"),
+        ({"max_ttl": "30h"}, "certificates would be cut short"),
+        ({"k8s_api_server": "https://a", "k8s_oidc_issuer": "https://b"}, "choose one"),
+        ({"k8s_jwks_url": "https://a/jwks"}, "needs k8s_oidc_issuer"),
+        ({"default_cluster": "nope"}, "default_cluster 'nope'"),
+        ({"unknown_option": 1}, "unknown_option"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_field(
+    overrides: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**overrides)
+    assert needle in info.value.message
+
+
+def test_missing_or_unknown_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.yaml")
+    odd = tmp_path / "meshca.ini"
+    odd.write_text("x")
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+        load_settings(odd)
