@@ -23,6 +23,42 @@ from meshca.spiffe import TrustDomain
 
 TRUST_DOMAIN = TrustDomain("cluster.local")
 
+
+def _prime_cryptography_datetime() -> None:
+    """Make cryptography resolve ``datetime.datetime`` before any test freezes time.
+
+    cryptography's Rust core looks the datetime class up once and caches it; if the first
+    certificate of the session is built under freezegun, it caches freezegun's class and
+    every later certificate with a real datetime fails. Building one certificate at import
+    time pins the real class.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import verification
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "prime")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(1))
+        .sign(key, hashes.SHA256())
+    )
+    assert cert.not_valid_after_utc > now
+    store = verification.Store([cert])
+    verification.PolicyBuilder().store(store).build_client_verifier()
+
+
+_prime_cryptography_datetime()
+
 POSTGRES_URL_ENV = "MESHCA_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

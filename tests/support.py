@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -69,7 +70,8 @@ def verify_with_cryptography(chain: Sequence[str]) -> x509.Certificate:
     """Verify leaf -> intermediate -> root with cryptography's RFC 5280 client verifier."""
     leaf, *intermediates, root = load_chain(chain)
     store = verification.Store([root])
-    verifier = verification.PolicyBuilder().store(store).build_client_verifier()
+    now = datetime.now(UTC)  # explicit, so freezegun's clock applies
+    verifier = verification.PolicyBuilder().store(store).time(now).build_client_verifier()
     verifier.verify(leaf, intermediates)
     return leaf
 

@@ -218,7 +218,7 @@ class Authority:
             evidence=attestation.evidence_summary(),
             peer_address=peer.address,
             request_id=request.request_id,
-            csr_digest=csr_checks.csr_sha256(request.csr),
+            csr_digest=csr_checks.csr_sha256(csr),
         )
 
     async def issue_server_certificate(

@@ -37,7 +37,7 @@ class KeyAlgorithm(enum.StrEnum):
     def rsa_bits(self) -> int:
         return int(self.value.split("-")[1]) if not self.is_ec else 0
 
-    def hash_algorithm(self) -> hashes.HashAlgorithm:
+    def hash_algorithm(self) -> hashes.SHA256 | hashes.SHA384:
         """The digest used when this key signs a certificate (SHA-384 for P-384, else SHA-256)."""
         return hashes.SHA384() if self is KeyAlgorithm.EC_P384 else hashes.SHA256()
 
@@ -64,5 +64,7 @@ class KeyAlgorithm(enum.StrEnum):
             if bits in (2048, 3072, 4096):
                 return cls(f"rsa-{bits}")
             raise UnsupportedKeyError(f"key is RSA-{bits}; allowed: {ALLOWED_DESCRIPTION}")
-        name = type(key).__name__.removeprefix("_").replace("PublicKey", "").replace("PrivateKey", "")
+        name = (
+            type(key).__name__.removeprefix("_").replace("PublicKey", "").replace("PrivateKey", "")
+        )
         raise UnsupportedKeyError(f"key is {name or 'unknown'}; allowed: {ALLOWED_DESCRIPTION}")

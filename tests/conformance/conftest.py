@@ -1,0 +1,62 @@
+"""The Signer conformance suite's one seam: ``signer_factory``.
+
+Each param of the fixture is a backend. A backend's entry builds a Signer for a given
+KeyAlgorithm; test_signer.py runs every conformance test against every backend and
+algorithm. To add a backend (``pkcs11`` against SoftHSM2, ``gcpkms`` against the KMS
+emulator), add its name to ``BACKENDS`` and a ``_make_<name>`` function; skip inside it,
+with a reason, when the backend's real part is not available.
+
+Signers are cached per (backend, algorithm) for the session: RSA-4096 generation is
+slow, and a backend must cope with one key signing many times anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from meshca.pki.keys import KeyAlgorithm
+from meshca.signers.base import Signer
+from meshca.signers.file import FileSigner
+from tests.pki.helpers import key
+
+SignerFactory = Callable[[KeyAlgorithm], Signer]
+
+BACKENDS = ["file"]
+
+
+def _make_file(base: Path, algorithm: KeyAlgorithm) -> Signer:
+    # Reuse the session's test key rather than generate another RSA-4096 key; how the
+    # file backend creates keys is tested in tests/signers/test_file.py.
+    path = base / f"{algorithm.value}.pem"
+    path.write_bytes(
+        key(algorithm).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return FileSigner.load(path)
+
+
+_MAKERS: dict[str, Callable[[Path, KeyAlgorithm], Signer]] = {"file": _make_file}
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def signer_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> SignerFactory:
+    backend: str = request.param
+    base = tmp_path_factory.mktemp(f"signer-{backend}")
+    cache: dict[KeyAlgorithm, Signer] = {}
+
+    def make(algorithm: KeyAlgorithm) -> Signer:
+        if algorithm not in cache:
+            cache[algorithm] = _MAKERS[backend](base, algorithm)
+        return cache[algorithm]
+
+    return make
