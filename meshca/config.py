@@ -112,6 +112,67 @@ class FileSignerConfig(_Strict):
     key_type: KeyAlgorithm = KeyAlgorithm.EC_P256
 
 
+class Pkcs11SignerConfig(_Strict):
+    """Root key in a PKCS#11 token (an HSM, or SoftHSM2 for development).
+
+    The user PIN comes from the environment variable ``pin_env`` or from ``pin_file``;
+    never from the command line, never logged.
+    """
+
+    kind: Literal["pkcs11"] = "pkcs11"
+    module: Path
+    """The vendor's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so."""
+    token_label: str | None = None
+    token_serial: str | None = None
+    key_label: str = "meshca-root"
+    key_id: str | None = None
+    """Hex CKA_ID of the key; when set it must match as well as the label."""
+    pin_env: str | None = "MESHCA_PKCS11_PIN"
+    pin_file: Path | None = None
+    key_type: KeyAlgorithm = KeyAlgorithm.EC_P256
+    pool_size: int = Field(default=4, ge=1, le=64)
+    """Sessions kept open for concurrent signing."""
+
+    @model_validator(mode="after")
+    def _token_and_pin(self) -> Pkcs11SignerConfig:
+        if not self.token_label and not self.token_serial:
+            raise ValueError("set token_label or token_serial to pick the PKCS#11 token")
+        if self.pin_file is None and not self.pin_env:
+            raise ValueError("set pin_env or pin_file: the user PIN is never a plain setting")
+        return self
+
+
+class GcpKmsSignerConfig(_Strict):
+    """Root key in Google Cloud KMS; credentials from Application Default Credentials."""
+
+    kind: Literal["gcpkms"] = "gcpkms"
+    key_version: str
+    """``projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/N``."""
+    endpoint: str | None = None
+    """Override the API endpoint (private endpoints, emulators): HOST:PORT."""
+    insecure_endpoint: bool = False
+    """Talk plaintext gRPC to ``endpoint`` without credentials. Emulators only."""
+    timeout: Duration = timedelta(seconds=10)
+    """Per-call deadline; retries on UNAVAILABLE/DEADLINE_EXCEEDED stay within 3x this."""
+
+    @field_validator("key_version")
+    @classmethod
+    def _resource_name(cls, value: str) -> str:
+        parts = value.split("/")
+        if len(parts) != 10 or parts[0::2] != [
+            "projects",
+            "locations",
+            "keyRings",
+            "cryptoKeys",
+            "cryptoKeyVersions",
+        ]:
+            raise ValueError(
+                f"key_version {value!r} must be projects/P/locations/L/keyRings/R/"
+                "cryptoKeys/K/cryptoKeyVersions/N"
+            )
+        return value
+
+
 def _signer_kind(value: object) -> str:
     """The signer's ``kind`` tag; a signer section without one means ``file``."""
     if isinstance(value, dict):
@@ -120,7 +181,9 @@ def _signer_kind(value: object) -> str:
 
 
 SignerConfig = Annotated[
-    Annotated[FileSignerConfig, Tag("file")],
+    Annotated[FileSignerConfig, Tag("file")]
+    | Annotated[Pkcs11SignerConfig, Tag("pkcs11")]
+    | Annotated[GcpKmsSignerConfig, Tag("gcpkms")],
     Discriminator(_signer_kind),
 ]
 

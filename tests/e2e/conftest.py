@@ -1,0 +1,94 @@
+"""``meshca server`` as a real subprocess, driven the way an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+READY = re.compile(
+    r"gRPC (?P<mode>TLS|plaintext) on [^ ]+:(?P<grpc>\d+); HTTP on [^ ]+:(?P<http>\d+)"
+)
+MESHCA = [sys.executable, "-m", "meshca"]
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    grpc_port: int
+    http_port: int
+    ready_line: str
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        return self.process.returncode or 0
+
+
+async def start_meshca(args: Sequence[str], *, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start ``meshca server`` and wait (bounded) for its ready line on stdout."""
+    process = await asyncio.create_subprocess_exec(
+        *MESHCA,
+        "server",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+    except TimeoutError:
+        process.kill()
+        raise
+    match = READY.search(line.decode())
+    if match is None:
+        await process.wait()
+        err = (await process.stderr.read()).decode()
+        raise AssertionError(f"meshca did not start: {line.decode()}{err}")
+    return ServerProcess(process, int(match["grpc"]), int(match["http"]), line.decode())
+
+
+async def run_meshca(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a short ``meshca`` command; return (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *MESHCA,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServerProcess]]:
+    """Servers a test started; all stopped at the end, whatever happened."""
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        await server.stop()
+
+
+def loopback_args(state_dir: Path) -> list[str]:
+    return [
+        "--state-dir",
+        str(state_dir),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
