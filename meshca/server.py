@@ -42,7 +42,10 @@ from meshca.store import Store
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL = timedelta(seconds=30)
-ISTIO_SERVICE = "istio.v1.auth.IstioCertificateService"
+SERVICE_NAMES = (
+    "istio.v1.auth.IstioCertificateService",
+    "google.security.meshca.v1.MeshCertificateService",
+)
 
 
 class NoAuthenticator:
@@ -242,7 +245,7 @@ async def start_server(settings: Settings) -> RunningServer:
     if not bound:
         raise ConfigError(f"cannot listen for gRPC on {settings.grpc_listen}")
     await grpc_server.start()
-    for service in (ISTIO_SERVICE, ""):
+    for service in (*SERVICE_NAMES, ""):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def check_signer() -> None:

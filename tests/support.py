@@ -108,3 +108,26 @@ def verify_with_openssl(chain: Sequence[str], workdir: Path) -> str:
 def uri_sans(cert: x509.Certificate) -> list[str]:
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+async def mesh_create_certificate(
+    channel: grpc.aio.Channel,
+    csr: str,
+    *,
+    token: str | None,
+    request_id: str,
+    validity_seconds: int | None = None,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Call google.security.meshca.v1.MeshCertificateService/CreateCertificate."""
+    from google.protobuf import duration_pb2
+
+    from meshca.api._proto import meshca_pb2, meshca_pb2_grpc
+
+    stub = meshca_pb2_grpc.MeshCertificateServiceStub(channel)
+    request = meshca_pb2.MeshCertificateRequest(request_id=request_id, csr=csr)
+    if validity_seconds is not None:
+        request.validity.CopyFrom(duration_pb2.Duration(seconds=validity_seconds))
+    metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+    response = await stub.CreateCertificate(request, metadata=metadata, timeout=timeout)
+    return list(response.cert_chain)

@@ -1,25 +1,28 @@
-"""gRPC front door: Istio's IstioCertificateService, translated to the CA's domain calls.
+"""gRPC front door: Istio's IstioCertificateService and Google's MeshCertificateService,
+translated to the CA's domain calls.
 
 This module is the only place where meshca errors become gRPC status codes:
 
-    AuthenticationError           -> UNAUTHENTICATED
-    PolicyError                   -> PERMISSION_DENIED
-    CSRError (identity mismatch)  -> PERMISSION_DENIED
-    CSRError (anything else)      -> INVALID_ARGUMENT
-    SignerError, StoreError       -> UNAVAILABLE (the caller may retry)
+    AuthenticationError                 -> UNAUTHENTICATED
+    PolicyError (request_id reused)     -> ALREADY_EXISTS
+    PolicyError (anything else)         -> PERMISSION_DENIED
+    CSRError (identity mismatch)        -> PERMISSION_DENIED
+    CSRError (anything else)            -> INVALID_ARGUMENT
+    SignerError, StoreError             -> UNAVAILABLE (the caller may retry)
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
 import grpc
 from grpc import aio
 
-from meshca.api._proto import istioca_pb2, istioca_pb2_grpc
+from meshca.api._proto import istioca_pb2, istioca_pb2_grpc, meshca_pb2, meshca_pb2_grpc
 from meshca.authn.base import Authenticator, Credential, Peer
 from meshca.ca.authority import Authority, IssueRequest
 from meshca.errors import (
@@ -50,6 +53,8 @@ def status_for(error: MeshcaError) -> grpc.StatusCode:
     if isinstance(error, AuthenticationError):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, PolicyError):
+        if error.reason == "request_id_reused":
+            return grpc.StatusCode.ALREADY_EXISTS
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, CSRError):
         if error.reason in _PERMISSION_REASONS:
@@ -165,7 +170,50 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
         return istioca_pb2.IstioCertificateResponse(cert_chain=list(chain))
 
 
+class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  # type: ignore[misc]
+    """``google.security.meshca.v1.MeshCertificateService``: idempotent by request_id."""
+
+    API = "meshca"
+
+    def __init__(self, frontend: CertificateFrontend) -> None:
+        self._frontend = frontend
+
+    async def CreateCertificate(  # noqa: N802 - name fixed by the wire contract
+        self,
+        request: meshca_pb2.MeshCertificateRequest,
+        context: aio.ServicerContext[object, object],
+    ) -> meshca_pb2.MeshCertificateResponse:
+        request_id = self._request_id(request.request_id)
+        if request_id is None:
+            self._frontend.metrics.refused.labels(self.API, "invalid_request_id").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id {request.request_id[:64]!r} must be a UUID other than the zero UUID",
+            )
+        ttl: timedelta | None = None
+        if request.HasField("validity"):
+            ttl = request.validity.ToTimedelta()
+        chain = await self._frontend.create(
+            self.API,
+            IssueRequest(csr=request.csr, requested_ttl=ttl, request_id=request_id),
+            context,
+        )
+        return meshca_pb2.MeshCertificateResponse(cert_chain=list(chain))
+
+    @staticmethod
+    def _request_id(text: str) -> str | None:
+        """The canonical form of a non-zero UUID, or None."""
+        try:
+            value = uuid.UUID(text)
+        except ValueError:
+            return None
+        return None if value.int == 0 else str(value)
+
+
 def add_services(server: aio.Server, frontend: CertificateFrontend) -> None:
     istioca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(
         IstioCertificateService(frontend), server
+    )
+    meshca_pb2_grpc.add_MeshCertificateServiceServicer_to_server(
+        MeshCertificateService(frontend), server
     )

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.authn.base import Attestation, Peer
 from meshca.ca.policy import IssuancePolicy
-from meshca.errors import CSRError, StoreError
+from meshca.errors import CSRError, PolicyError, StoreError
 from meshca.pki import csr as csr_checks
 from meshca.pki import profile
 from meshca.pki.keys import KeyAlgorithm, PrivateKey, PublicKey
@@ -204,22 +204,70 @@ class Authority:
     ) -> IssuedCertificate:
         """Check the CSR against the attested identity, sign, ledger, return the chain.
 
-        Raises CSRError, PolicyError, SignerError or StoreError; a refusal writes nothing.
+        A request carrying a ``request_id`` this identity already used with the same CSR
+        gets the recorded certificate back (an idempotent retry); with another CSR it is
+        refused. Raises CSRError, PolicyError, SignerError or StoreError; a refusal
+        writes nothing.
         """
         csr = csr_checks.load_csr(request.csr)
         self.policy.check_identity(attestation)
         public_key = csr_checks.check_csr(csr, attestation.spiffe_id)
-        lifetime = self.policy.lifetime(request.requested_ttl)
-        return await self._sign_and_record(
-            public_key=public_key,
-            spiffe_id=attestation.spiffe_id,
-            lifetime=lifetime,
-            auth_method=str(attestation.method),
-            evidence=attestation.evidence_summary(),
-            peer_address=peer.address,
-            request_id=request.request_id,
-            csr_digest=csr_checks.csr_sha256(csr),
-        )
+        digest = csr_checks.csr_sha256(csr)
+        if request.request_id is not None:
+            prior = await self._prior_answer(request.request_id, attestation.spiffe_id, digest)
+            if prior is not None:
+                return prior
+        try:
+            return await self._sign_and_record(
+                public_key=public_key,
+                spiffe_id=attestation.spiffe_id,
+                lifetime=self.policy.lifetime(request.requested_ttl),
+                auth_method=str(attestation.method),
+                evidence=attestation.evidence_summary(),
+                peer_address=peer.address,
+                request_id=request.request_id,
+                csr_digest=digest,
+            )
+        except StoreError as exc:
+            # Two concurrent retries of one request: the loser answers with the winner's row.
+            if request.request_id is None or exc.reason != "integrity_error":
+                raise
+            prior = await self._prior_answer(request.request_id, attestation.spiffe_id, digest)
+            if prior is None:
+                raise
+            return prior
+
+    async def _prior_answer(
+        self, request_id: str, spiffe_id: SpiffeId, csr_digest: str
+    ) -> IssuedCertificate | None:
+        """The recorded answer to an earlier request with this id, or None if there is none."""
+        row = await asyncio.to_thread(self._store.find_by_request_id, request_id, str(spiffe_id))
+        if row is None:
+            return None
+        if row.csr_sha256 != csr_digest:
+            raise PolicyError(
+                f"request_id {request_id} was already used by {spiffe_id} with a different "
+                "CSR; a new CSR needs a new request_id",
+                reason="request_id_reused",
+            )
+        leaf = x509.load_pem_x509_certificate(row.certificate_pem.encode())
+        if leaf.not_valid_after_utc <= self._clock():
+            raise PolicyError(
+                f"request_id {request_id} was answered with a certificate that has expired; "
+                "send a new request_id",
+                reason="request_id_reused",
+            )
+        inter = await asyncio.to_thread(self._store.get_intermediate, row.intermediate_fingerprint)
+        root = None
+        if inter is not None:
+            root = await asyncio.to_thread(self._store.get_root, inter.root_fingerprint)
+        if inter is None or root is None:
+            raise StoreError(
+                f"ledger row {row.sequence} names an issuer the store does not hold",
+                reason="ledger_corrupt",
+            )
+        chain = (row.certificate_pem, inter.certificate_pem, root.certificate_pem)
+        return IssuedCertificate(certificate=leaf, chain_pem=chain, ledger_sequence=row.sequence)
 
     async def issue_server_certificate(
         self, spiffe_id: SpiffeId, dns_names: Sequence[str], lifetime: timedelta

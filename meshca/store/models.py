@@ -121,6 +121,11 @@ class LedgerEntry(SQLModel, table=True):
     """
 
     __tablename__ = "ledger"
+    __table_args__ = (
+        # A client-chosen request id is unique per identity, not globally, so one
+        # caller cannot squat on another's ids.
+        Index("uq_ledger_request_id", "request_id", "spiffe_id", unique=True),
+    )
 
     sequence: int = Field(
         sa_column=Column("sequence", BigInteger, primary_key=True, autoincrement=False)
@@ -133,9 +138,7 @@ class LedgerEntry(SQLModel, table=True):
     not_before: datetime = Field(sa_column=_when("not_before"))
     not_after: datetime = Field(sa_column=_when("not_after"))
     intermediate_fingerprint: str = Field(sa_column=_hex("intermediate_fingerprint"))
-    request_id: str | None = Field(
-        default=None, sa_column=_text("request_id", nullable=True, index=True)
-    )
+    request_id: str | None = Field(default=None, sa_column=_text("request_id", nullable=True))
     csr_sha256: str | None = Field(
         default=None, sa_column=Column("csr_sha256", String(HASH_HEX_LENGTH), nullable=True)
     )

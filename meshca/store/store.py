@@ -202,15 +202,25 @@ class Store:
             session.add(head)
         return rows
 
-    def find_by_request_id(self, request_id: str) -> LedgerEntry | None:
-        """The earliest ledger row carrying ``request_id`` (answers an idempotent retry)."""
-        statement = (
-            select(LedgerEntry)
-            .where(LedgerEntry.request_id == request_id)
-            .order_by(col(LedgerEntry.sequence))
-            .limit(1)
+    def find_by_request_id(self, request_id: str, spiffe_id: str) -> LedgerEntry | None:
+        """The ledger row of ``spiffe_id``'s request ``request_id`` (an idempotent retry).
+
+        Request ids are unique per SPIFFE ID (index ``uq_ledger_request_id``).
+        """
+        statement = select(LedgerEntry).where(
+            LedgerEntry.request_id == request_id, LedgerEntry.spiffe_id == spiffe_id
         )
         with self._session("looking up a request id") as session:
+            return session.exec(statement).first()
+
+    def get_intermediate(self, fingerprint: str) -> IntermediateRecord | None:
+        statement = select(IntermediateRecord).where(IntermediateRecord.fingerprint == fingerprint)
+        with self._session("reading an intermediate") as session:
+            return session.exec(statement).first()
+
+    def get_root(self, fingerprint: str) -> RootRecord | None:
+        statement = select(RootRecord).where(RootRecord.fingerprint == fingerprint)
+        with self._session("reading a root") as session:
             return session.exec(statement).first()
 
     def verify_ledger(self) -> LedgerReport:

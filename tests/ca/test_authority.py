@@ -130,7 +130,7 @@ async def test_every_issuance_is_ledgered_with_its_evidence(store: Store, tmp_pa
     leaf = issued.certificate
     report = store.verify_ledger()
     assert report.ok and report.rows_checked == 1
-    row = store.find_by_request_id("req-1")
+    row = store.find_by_request_id("req-1", str(WEB))
     assert row is not None
     assert row.serial_hex == format(leaf.serial_number, "x")
     assert row.spiffe_id == str(WEB)

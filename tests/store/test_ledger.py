@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from meshca.errors import StoreError
 from meshca.store import GENESIS_HASH, NewIssuance, Store, row_hash
 
 from .helpers import T0, issuance
@@ -39,7 +40,7 @@ def test_datetimes_come_back_aware_utc_and_exact(store: Store) -> None:
     plus_two = timezone(timedelta(hours=2))
     local = datetime(2024, 5, 1, 14, 0, 0, 654321, tzinfo=plus_two)
     store.append_issuance(replace(issuance(1, request_id="req-tz"), issued_at=local))
-    found = store.find_by_request_id("req-tz")
+    found = store.find_by_request_id("req-tz", issuance(1).spiffe_id)
     assert found is not None
     assert found.issued_at == local
     assert found.issued_at.tzinfo is UTC
@@ -56,17 +57,26 @@ def test_naive_datetimes_are_refused() -> None:
 def test_find_by_request_id_returns_the_stored_certificate(store: Store) -> None:
     store.append_issuance(issuance(1, request_id="11111111-2222-4333-8444-555555555555"))
     store.append_issuance(issuance(2))
-    found = store.find_by_request_id("11111111-2222-4333-8444-555555555555")
+    owner = issuance(1).spiffe_id
+    found = store.find_by_request_id("11111111-2222-4333-8444-555555555555", owner)
     assert found is not None
     assert found.sequence == 1
     assert found.certificate_pem == issuance(1).certificate_pem
-    assert store.find_by_request_id("no-such-request") is None
+    assert store.find_by_request_id("no-such-request", owner) is None
+    # Another identity's request ids are not visible.
+    other = issuance(2).spiffe_id
+    assert store.find_by_request_id("11111111-2222-4333-8444-555555555555", other) is None
 
 
-def test_find_by_request_id_returns_the_earliest_of_duplicates(store: Store) -> None:
-    store.append_issuances([issuance(1, request_id="dup"), issuance(2, request_id="dup")])
-    found = store.find_by_request_id("dup")
-    assert found is not None and found.sequence == 1
+def test_request_ids_are_unique_per_identity(store: Store) -> None:
+    same = "spiffe://cluster.local/ns/default/sa/web"
+    store.append_issuance(issuance(1, request_id="dup", spiffe_id=same))
+    with pytest.raises(StoreError) as info:
+        store.append_issuance(issuance(2, request_id="dup", spiffe_id=same))
+    assert info.value.reason == "integrity_error"
+    # The same id from another identity is a different request.
+    store.append_issuance(issuance(3, request_id="dup"))
+    assert store.verify_ledger().ok
 
 
 def test_unicode_and_nulls_round_trip_and_verify(store: Store) -> None:

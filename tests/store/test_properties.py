@@ -38,7 +38,7 @@ def issuances(draw: st.DrawFn) -> NewIssuance:
         intermediate_fingerprint="ef" * 32,
         certificate_pem=draw(safe_text),
         issued_at=at,
-        request_id=draw(st.none() | safe_text),
+        request_id=draw(st.none() | st.uuids().map(str)),
         csr_sha256=draw(st.none() | st.just("12" * 32)),
     )
 

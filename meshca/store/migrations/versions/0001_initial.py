@@ -94,7 +94,7 @@ def upgrade() -> None:
         _hex("prev_hash"),
         _hex("row_hash"),
     )
-    op.create_index("ix_ledger_request_id", "ledger", ["request_id"])
+    op.create_index("uq_ledger_request_id", "ledger", ["request_id", "spiffe_id"], unique=True)
     head = op.create_table(
         "ledger_head",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
@@ -106,7 +106,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("ledger_head")
-    op.drop_index("ix_ledger_request_id", table_name="ledger")
+    op.drop_index("uq_ledger_request_id", table_name="ledger")
     op.drop_table("ledger")
     op.drop_table("intermediates")
     op.drop_index("uq_roots_one_active", table_name="roots")
