@@ -28,7 +28,8 @@ system-deps:
 
 run: $(BIN)/.installed
 	$(BIN)/meshca server --state-dir $(STATE_DIR) \
-	  --grpc-listen 127.0.0.1:15012 --http-listen 127.0.0.1:15014
+	  --grpc-listen 127.0.0.1:15012 --grpc-mtls-listen 127.0.0.1:15013 \
+	  --http-listen 127.0.0.1:15014
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check meshca tests bench

@@ -208,6 +208,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL; default ``sqlite:///<state_dir>/meshca.db``."""
     grpc_listen: str = "0.0.0.0:15012"
+    grpc_mtls_listen: str | None = "0.0.0.0:15013"
+    """Port requiring a client X509-SVID, for renewal without a token; None or "" = off."""
     http_listen: str = "0.0.0.0:15014"
     plaintext: bool = False
     server_dns_names: list[str] = Field(default_factory=lambda: ["localhost"])
@@ -242,6 +244,13 @@ class Settings(BaseSettings):
             return TrustDomain.parse(value).name
         except SpiffeIdError as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("grpc_mtls_listen", mode="before")
+    @classmethod
+    def _mtls_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
 
     @field_validator("token_audience", mode="before")
     @classmethod

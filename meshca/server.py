@@ -2,9 +2,9 @@
 
 Start-up order: open the database and apply migrations; open the signer (creating the
 file root key on first start); load or create the active root; mint this process's
-issuing intermediate; start the gRPC (TLS unless --plaintext) and HTTP listeners. A
-background task rotates the intermediate, renews the server certificate and reloads the
-trust bundle.
+issuing intermediate; start the gRPC listeners (TLS for token callers, mTLS for SVID
+renewal, or one plaintext port for development) and the HTTP listener. A background task
+rotates the intermediate, renews the server certificate and reloads the trust bundle.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import grpc
 from aiohttp import web
-from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca.api.grpc import SERVER_OPTIONS, CertificateFrontend, add_services
 from meshca.api.http import build_app
+from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.k8s import KubernetesAuthenticator
+from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, utcnow
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root
@@ -46,10 +46,11 @@ SERVICE_NAMES = (
     "istio.v1.auth.IstioCertificateService",
     "google.security.meshca.v1.MeshCertificateService",
 )
+CA_SPIFFE_PATH = "/meshca"
 
 
 class NoAuthenticator:
-    """Used when no cluster is configured: every request is refused, saying why."""
+    """Used when no cluster is configured: every token is refused, saying why."""
 
     async def authenticate(self, credential: Credential, peer: Peer) -> Attestation:
         raise AuthenticationError(
@@ -66,51 +67,9 @@ def split_host_port(listen: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class ServerCertificate:
-    """The CA's own TLS certificate for its gRPC port, renewed at half life."""
-
-    def __init__(self, authority: Authority, spiffe_id: SpiffeId, dns_names: list[str]) -> None:
-        self._authority = authority
-        self._spiffe_id = spiffe_id
-        self._dns_names = dns_names
-        self._config: grpc.ServerCertificateConfiguration | None = None
-        self._fresh = False
-        self.chain_pem: tuple[str, ...] = ()
-        self._renew_at = utcnow()
-
-    async def renew_if_due(self, lifetime: timedelta) -> None:
-        """Issue a new server certificate when none exists or half its life has passed."""
-        if self._config is not None and utcnow() < self._renew_at:
-            return
-        key_pem, chain = await self._authority.issue_server_certificate(
-            self._spiffe_id, self._dns_names, lifetime
-        )
-        leaf = x509.load_pem_x509_certificate(chain[0].encode())
-        self.chain_pem = chain
-        self._config = grpc.ssl_server_certificate_configuration(
-            [(key_pem, "".join(chain[:-1]).encode())]
-        )
-        self._fresh = True
-        now = utcnow()
-        self._renew_at = now + (leaf.not_valid_after_utc - now) / 2
-        log.info(
-            "server certificate for %s valid until %s",
-            self._spiffe_id,
-            leaf.not_valid_after_utc.isoformat(),
-        )
-
-    def credentials(self) -> grpc.ServerCredentials:
-        assert self._config is not None, "renew_if_due() first"
-        return grpc.dynamic_ssl_server_credentials(
-            self._config, self._fetch, require_client_authentication=False
-        )
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC before each handshake; returns a config only when it changed."""
-        if self._fresh:
-            self._fresh = False
-            return self._config
-        return None
+def _grpc_address(listen: str, what: str) -> str:
+    host, port = split_host_port(listen, what)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -121,10 +80,11 @@ class RunningServer:
     store: Store
     signer: Signer
     authority: Authority
-    authenticator: Authenticator
+    authenticator: CallerAuthenticator
     grpc_server: aio.Server
     http_runner: web.AppRunner
     grpc_port: int
+    mtls_port: int | None
     http_port: int
     server_cert: ServerCertificate | None
     metrics: CAMetrics
@@ -134,26 +94,33 @@ class RunningServer:
         s = self.settings
         grpc_host, _ = split_host_port(s.grpc_listen, "grpc_listen")
         http_host, _ = split_host_port(s.http_listen, "http_listen")
+        mtls = ""
+        if self.mtls_port is not None and s.grpc_mtls_listen:
+            mtls_host, _ = split_host_port(s.grpc_mtls_listen, "grpc_mtls_listen")
+            mtls = f"gRPC mTLS (SVID renewal) on {mtls_host}:{self.mtls_port}; "
         issuing = self.authority.current_issuing_ca
         return (
             f"meshca ready: trust domain {s.trust_domain}; "
             f"gRPC {'plaintext' if s.plaintext else 'TLS'} on {grpc_host}:{self.grpc_port}; "
-            f"HTTP on {http_host}:{self.http_port}; "
+            f"{mtls}HTTP on {http_host}:{self.http_port}; "
             f"root {fingerprint(self.authority.root_certificate)[:16]} "
             f"({self.signer.backend}: {self.signer.key_id}); "
             f"intermediate valid until {issuing.not_after.isoformat() if issuing else '-'}; "
             f"database {self.store.redacted_url()}"
         )
 
-    async def maintain(self) -> None:
-        """Rotate the intermediate, renew the server certificate, reload the bundle."""
+    async def maintain_once(self) -> None:
+        """Rotate the intermediate, reload the bundle, renew the server certificate."""
+        await self.authority.issuing_ca()
+        await self.authority.refresh_trust_bundle()
+        if self.server_cert is not None:
+            await self.server_cert.refresh(self.settings.max_ttl)
+
+    async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL.total_seconds())
             try:
-                await self.authority.issuing_ca()
-                if self.server_cert is not None:
-                    await self.server_cert.renew_if_due(self.settings.max_ttl)
-                await self.authority.refresh_trust_bundle()
+                await self.maintain_once()
             except MeshcaError as exc:
                 log.warning("maintenance failed, will retry: %s", exc)
 
@@ -165,28 +132,22 @@ class RunningServer:
                 await task
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
-        closer = getattr(self.authenticator, "close", None)
-        if closer is not None:
-            await closer()
+        await self.authenticator.close()
         await asyncio.to_thread(self.store.close)
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
+def build_token_authenticator(settings: Settings) -> Authenticator:
     clusters = settings.effective_clusters
     if not clusters:
-        log.warning("no Kubernetes cluster configured: every certificate request will be refused")
+        log.warning("no Kubernetes cluster configured: every token will be refused")
         return NoAuthenticator()
     return KubernetesAuthenticator(
         settings.trust_domain_value, clusters, default_cluster=settings.default_cluster
     )
 
 
-async def start_server(settings: Settings) -> RunningServer:
-    """Start every part of the CA; raise ConfigError/MeshcaError naming what failed."""
+async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]:
     trust_domain = settings.trust_domain_value
-    grpc_host, grpc_port = split_host_port(settings.grpc_listen, "grpc_listen")
-    http_host, http_port = split_host_port(settings.http_listen, "http_listen")
-
     store = await asyncio.to_thread(Store.open, settings.effective_database_url)
     signer, key_created = await asyncio.to_thread(
         open_signer, settings.signer, state_dir=settings.state_dir, create=True
@@ -201,13 +162,12 @@ async def start_server(settings: Settings) -> RunningServer:
         now=utcnow(),
         create_ttl=settings.root_ttl if signer.backend == "file" else None,
     )
-    policy = IssuancePolicy(trust_domain, settings.max_ttl, settings.default_ttl)
     authority = Authority(
         trust_domain=trust_domain,
         root_signer=signer,
         root=root,
         store=store,
-        policy=policy,
+        policy=IssuancePolicy(trust_domain, settings.max_ttl, settings.default_ttl),
         intermediate=IntermediateSettings(
             ttl=settings.intermediate_ttl,
             rotate_fraction=settings.intermediate_rotate_fraction,
@@ -216,34 +176,64 @@ async def start_server(settings: Settings) -> RunningServer:
     )
     await authority.refresh_trust_bundle()
     await authority.issuing_ca()
+    return store, signer, authority
+
+
+def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int]) -> int:
+    try:
+        bound = add(_grpc_address(listen, what))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen for gRPC on {listen}: {exc}") from exc
+    if not bound:
+        raise ConfigError(f"cannot listen for gRPC on {listen}")
+    return bound
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Start every part of the CA; raise ConfigError/MeshcaError naming what failed."""
+    http_host, http_port = split_host_port(settings.http_listen, "http_listen")
+    store, signer, authority = await _open_authority(settings)
 
     metrics = CAMetrics()
     metrics.track_expiry(
-        lambda: root.not_after,
+        lambda: authority.root_certificate.not_valid_after_utc,
         lambda: ca.not_after if (ca := authority.current_issuing_ca) else None,
     )
-    authenticator = build_authenticator(settings)
-    frontend = CertificateFrontend(authority, authenticator, metrics)
-
+    authenticator = CallerAuthenticator(
+        build_token_authenticator(settings),
+        SvidAuthenticator(authority.trust_domain, authority.trust_bundle),
+    )
     grpc_server = aio.server(options=list(SERVER_OPTIONS))
-    add_services(grpc_server, frontend)
+    add_services(grpc_server, CertificateFrontend(authority, authenticator, metrics))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+
     server_cert: ServerCertificate | None = None
-    address = f"[{grpc_host}]:{grpc_port}" if ":" in grpc_host else f"{grpc_host}:{grpc_port}"
-    try:
-        if settings.plaintext:
-            bound = grpc_server.add_insecure_port(address)
-        else:
-            server_cert = ServerCertificate(
-                authority, SpiffeId(trust_domain, "/meshca"), settings.server_dns_names
+    mtls_port: int | None = None
+    if settings.plaintext:
+        grpc_port = _bind(
+            grpc_server, settings.grpc_listen, "grpc_listen", grpc_server.add_insecure_port
+        )
+    else:
+        server_cert = ServerCertificate(
+            authority, SpiffeId(authority.trust_domain, CA_SPIFFE_PATH), settings.server_dns_names
+        )
+        await server_cert.refresh(settings.max_ttl)
+        tls = server_cert.credentials(require_client_certificate=False)
+        grpc_port = _bind(
+            grpc_server,
+            settings.grpc_listen,
+            "grpc_listen",
+            lambda a: grpc_server.add_secure_port(a, tls),
+        )
+        if settings.grpc_mtls_listen:
+            mtls = server_cert.credentials(require_client_certificate=True)
+            mtls_port = _bind(
+                grpc_server,
+                settings.grpc_mtls_listen,
+                "grpc_mtls_listen",
+                lambda a: grpc_server.add_secure_port(a, mtls),
             )
-            await server_cert.renew_if_due(settings.max_ttl)
-            bound = grpc_server.add_secure_port(address, server_cert.credentials())
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen for gRPC on {settings.grpc_listen}: {exc}") from exc
-    if not bound:
-        raise ConfigError(f"cannot listen for gRPC on {settings.grpc_listen}")
     await grpc_server.start()
     for service in (*SERVICE_NAMES, ""):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -260,13 +250,11 @@ async def start_server(settings: Settings) -> RunningServer:
     }
     runner = web.AppRunner(build_app(authority, metrics, checks), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, http_host, http_port)
     try:
-        await site.start()
+        await web.TCPSite(runner, http_host, http_port).start()
     except OSError as exc:
         await grpc_server.stop(0)
         raise ConfigError(f"cannot listen for HTTP on {settings.http_listen}: {exc}") from exc
-    http_bound = runner.addresses[0][1]
 
     running = RunningServer(
         settings=settings,
@@ -276,12 +264,13 @@ async def start_server(settings: Settings) -> RunningServer:
         authenticator=authenticator,
         grpc_server=grpc_server,
         http_runner=runner,
-        grpc_port=bound,
-        http_port=http_bound,
+        grpc_port=grpc_port,
+        mtls_port=mtls_port,
+        http_port=runner.addresses[0][1],
         server_cert=server_cert,
         metrics=metrics,
     )
-    running._tasks.append(asyncio.create_task(running.maintain()))
+    running._tasks.append(asyncio.create_task(running._maintain()))
     return running
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import grpc
+from cryptography import x509
 from grpc import aio
 
 from meshca.api._proto import istioca_pb2, istioca_pb2_grpc, meshca_pb2, meshca_pb2_grpc
@@ -74,6 +75,24 @@ def peer_address(context: aio.ServicerContext[object, object]) -> str:
     return raw
 
 
+def peer_certificates(context: aio.ServicerContext[object, object]) -> tuple[x509.Certificate, ...]:
+    """The client certificate chain the TLS layer verified (mTLS port), leaf first."""
+    auth = context.auth_context() or {}
+    leaf_pem = b"".join(auth.get("x509_pem_cert") or [])
+    if not leaf_pem:
+        return ()
+    chain_pem = b"".join(auth.get("x509_pem_cert_chain") or [])
+    try:
+        leaf = x509.load_pem_x509_certificate(leaf_pem)
+        chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
+        # The chain property's order is not the wire order; put the leaf first.
+        return (leaf, *(c for c in chain if c != leaf))
+    except ValueError as exc:
+        raise AuthenticationError(
+            f"the client certificate could not be parsed: {exc}", reason="svid_malformed"
+        ) from None
+
+
 def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Credential:
     """Read ``authorization: Bearer <token>`` and the optional ``clusterid`` header."""
     token: str | None = None
@@ -116,6 +135,7 @@ class CertificateFrontend:
         peer = Peer(address=peer_address(context))
         try:
             try:
+                peer = Peer(address=peer.address, certificates=peer_certificates(context))
                 credential = credential_from_metadata(tuple(context.invocation_metadata() or ()))
                 attestation = await self.authenticator.authenticate(credential, peer)
             except AuthenticationError as exc:

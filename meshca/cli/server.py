@@ -43,6 +43,13 @@ DURATION = DurationParam()
     help="Address of the certificate API [default: 0.0.0.0:15012].",
 )
 @env_option(
+    "--grpc-mtls-listen",
+    env="GRPC_MTLS_LISTEN",
+    metavar="HOST:PORT|off",
+    help="Address where callers renew with their X509-SVID (client certificate required) "
+    "[default: 0.0.0.0:15013].",
+)
+@env_option(
     "--http-listen",
     env="HTTP_LISTEN",
     metavar="HOST:PORT",

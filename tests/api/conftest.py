@@ -54,6 +54,7 @@ async def start_ca(tmp_path: Path, kube: FakeKubeApi) -> AsyncIterator[StartCA]:
         options: dict[str, Any] = {
             "state_dir": tmp_path / "state",
             "grpc_listen": "127.0.0.1:0",
+            "grpc_mtls_listen": "127.0.0.1:0",
             "http_listen": "127.0.0.1:0",
         }
         if "clusters" not in overrides and "k8s_api_server" not in overrides:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 READY = re.compile(
-    r"gRPC (?P<mode>TLS|plaintext) on [^ ]+:(?P<grpc>\d+); HTTP on [^ ]+:(?P<http>\d+)"
+    r"gRPC (?P<mode>TLS|plaintext) on [^ ]+:(?P<grpc>\d+); .*HTTP on [^ ]+:(?P<http>\d+)"
 )
 MESHCA = [sys.executable, "-m", "meshca"]
 
@@ -55,6 +55,7 @@ async def start_meshca(args: Sequence[str], *, env: dict[str, str] | None = None
         raise
     match = READY.search(line.decode())
     if match is None:
+        process.kill()
         await process.wait()
         err = (await process.stderr.read()).decode()
         raise AssertionError(f"meshca did not start: {line.decode()}{err}")
@@ -88,6 +89,8 @@ def loopback_args(state_dir: Path) -> list[str]:
         "--state-dir",
         str(state_dir),
         "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-mtls-listen",
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
