@@ -235,6 +235,16 @@ class Settings(BaseSettings):
     token_audience: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_AUDIENCE]
     )
+    grpc_handshake_timeout: Duration = timedelta(seconds=10)
+    """A connection that has not completed its TLS handshake by then is closed."""
+    max_in_flight: int = Field(default=512, ge=1)
+    """Certificate requests one process works on at once; more get RESOURCE_EXHAUSTED."""
+    rate_limit_per_peer: str | None = "500/second"
+    """Requests per peer IP address (``limits`` notation), checked before authentication."""
+    rate_limit_per_identity: str | None = "100/second"
+    """Requests per SPIFFE ID, checked after authentication."""
+    workers: int | None = Field(default=None, ge=1, le=256)
+    """Serving processes sharing the ports (SO_REUSEPORT); default: the number of CPUs."""
     log_level: str = "INFO"
 
     @field_validator("trust_domain")
@@ -244,6 +254,19 @@ class Settings(BaseSettings):
             return TrustDomain.parse(value).name
         except SpiffeIdError as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("rate_limit_per_peer", "rate_limit_per_identity")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if not value or value.strip().lower() in ("off", "none"):
+            return None
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate such as '500/second': {exc}") from exc
+        return value
 
     @field_validator("grpc_mtls_listen", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ Every error meshca raises on purpose derives from :class:`MeshcaError`::
     ├── CSRError                the certificate signing request is malformed or refused
     ├── SignerError             a key backend (file, PKCS#11, KMS) failed or is unreachable
     ├── StoreError              the database failed, or the ledger does not verify
+    ├── OverloadError           a limit (in-flight, rate) was reached; retry after a hint
     └── ConfigError             configuration is invalid; raised at start-up only
 
 Only ``meshca.api`` maps these to wire status codes. ``message`` is safe to show to the
@@ -70,6 +71,16 @@ class StoreError(MeshcaError):
     """The database failed or holds data that does not verify."""
 
     default_reason = "store_error"
+
+
+class OverloadError(MeshcaError):
+    """The CA is at a configured limit; the caller should retry after ``retry_after`` s."""
+
+    default_reason = "overloaded"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after: float) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
 
 
 class ConfigError(MeshcaError):

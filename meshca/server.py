@@ -21,7 +21,8 @@ from aiohttp import web
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshca.api.grpc import SERVER_OPTIONS, CertificateFrontend, add_services
+from meshca.api.admission import Admission, AdmissionLimits
+from meshca.api.grpc import CertificateFrontend, add_services, server_options
 from meshca.api.http import build_app
 from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
@@ -189,8 +190,11 @@ def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int])
     return bound
 
 
-async def start_server(settings: Settings) -> RunningServer:
-    """Start every part of the CA; raise ConfigError/MeshcaError naming what failed."""
+async def start_server(settings: Settings, *, reuse_port: bool = False) -> RunningServer:
+    """Start every part of the CA; raise ConfigError/MeshcaError naming what failed.
+
+    ``reuse_port`` is for worker processes that share their listening ports.
+    """
     http_host, http_port = split_host_port(settings.http_listen, "http_listen")
     store, signer, authority = await _open_authority(settings)
 
@@ -203,8 +207,19 @@ async def start_server(settings: Settings) -> RunningServer:
         build_token_authenticator(settings),
         SvidAuthenticator(authority.trust_domain, authority.trust_bundle),
     )
-    grpc_server = aio.server(options=list(SERVER_OPTIONS))
-    add_services(grpc_server, CertificateFrontend(authority, authenticator, metrics))
+    grpc_server = aio.server(
+        options=server_options(
+            handshake_timeout=settings.grpc_handshake_timeout, reuse_port=reuse_port
+        )
+    )
+    admission = Admission(
+        AdmissionLimits(
+            max_in_flight=settings.max_in_flight,
+            per_peer=settings.rate_limit_per_peer,
+            per_identity=settings.rate_limit_per_identity,
+        )
+    )
+    add_services(grpc_server, CertificateFrontend(authority, authenticator, metrics, admission))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
 
@@ -251,7 +266,7 @@ async def start_server(settings: Settings) -> RunningServer:
     runner = web.AppRunner(build_app(authority, metrics, checks), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, http_host, http_port).start()
+        await web.TCPSite(runner, http_host, http_port, reuse_port=reuse_port).start()
     except OSError as exc:
         await grpc_server.stop(0)
         raise ConfigError(f"cannot listen for HTTP on {settings.http_listen}: {exc}") from exc

@@ -9,27 +9,35 @@ This module is the only place where meshca errors become gRPC status codes:
     CSRError (identity mismatch)        -> PERMISSION_DENIED
     CSRError (anything else)            -> INVALID_ARGUMENT
     SignerError, StoreError             -> UNAVAILABLE (the caller may retry)
+    OverloadError                       -> RESOURCE_EXHAUSTED, with a google.rpc.RetryInfo
+    the caller's deadline passed        -> DEADLINE_EXCEEDED (the work is abandoned)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 import grpc
 from cryptography import x509
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from meshca.api._proto import istioca_pb2, istioca_pb2_grpc, meshca_pb2, meshca_pb2_grpc
-from meshca.authn.base import Authenticator, Credential, Peer
+from meshca.api.admission import Admission, AdmissionLimits
+from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.ca.authority import Authority, IssueRequest
 from meshca.errors import (
     AuthenticationError,
     CSRError,
     MeshcaError,
+    OverloadError,
     PolicyError,
     SignerError,
     StoreError,
@@ -40,11 +48,24 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 32 * 1024
-SERVER_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-    ("grpc.so_reuseport", 0),
-)
+IDLE_CONNECTION = timedelta(minutes=5)
+
+
+def server_options(*, handshake_timeout: timedelta, reuse_port: bool) -> list[tuple[str, int]]:
+    """gRPC server channel arguments: size limits, time limits, port sharing.
+
+    A client that connects and sends nothing is dropped after ``handshake_timeout``; a
+    connection with no RPC for IDLE_CONNECTION is closed. ``reuse_port`` lets worker
+    processes share a port (SO_REUSEPORT); off, a port already taken is an error.
+    """
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.server_handshake_timeout_ms", int(handshake_timeout.total_seconds() * 1000)),
+        ("grpc.max_connection_idle_ms", int(IDLE_CONNECTION.total_seconds() * 1000)),
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+
 
 _PERMISSION_REASONS = frozenset({"csr_identity_mismatch"})
 
@@ -115,14 +136,20 @@ def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Cre
 
 
 class CertificateFrontend:
-    """What both gRPC services share: authenticate, issue, count, map errors."""
+    """What both gRPC services share: admission, authentication, issuance, metrics, and
+    the mapping of every refusal to a status code."""
 
     def __init__(
-        self, authority: Authority, authenticator: Authenticator, metrics: CAMetrics
+        self,
+        authority: Authority,
+        authenticator: Authenticator,
+        metrics: CAMetrics,
+        admission: Admission | None = None,
     ) -> None:
         self.authority = authority
         self.authenticator = authenticator
         self.metrics = metrics
+        self.admission = admission or Admission(AdmissionLimits())
 
     async def create(
         self,
@@ -134,20 +161,45 @@ class CertificateFrontend:
         started = time.perf_counter()
         peer = Peer(address=peer_address(context))
         try:
-            try:
-                peer = Peer(address=peer.address, certificates=peer_certificates(context))
-                credential = credential_from_metadata(tuple(context.invocation_metadata() or ()))
-                attestation = await self.authenticator.authenticate(credential, peer)
-            except AuthenticationError as exc:
-                self.metrics.auth_failures.labels(exc.reason).inc()
-                raise
-            issued = await self.authority.issue(request, attestation, peer)
+            with self.admission.slot():
+                self.admission.check_peer(peer.address)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    peer = Peer(address=peer.address, certificates=peer_certificates(context))
+                    attestation = await self._authenticate(peer, context)
+                    self.admission.check_identity(str(attestation.spiffe_id))
+                    issued = await self.authority.issue(request, attestation, peer)
+        except TimeoutError:
+            await self._refuse(
+                api,
+                peer,
+                started,
+                context,
+                "deadline_exceeded",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the caller's deadline passed before the certificate was issued",
+            )
+        except OverloadError as exc:
+            retry = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=exc.message)
+            info = error_details_pb2.RetryInfo()
+            info.retry_delay.FromTimedelta(timedelta(seconds=exc.retry_after))
+            retry.details.add().Pack(info)
+            await self._refuse(
+                api,
+                peer,
+                started,
+                context,
+                exc.reason,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                exc.message,
+                rpc_status.to_status(retry).trailing_metadata,
+            )
         except MeshcaError as exc:
-            self.metrics.refused.labels(api, exc.reason).inc()
-            self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
-            log.info("refused %s request from %s: %s (%s)", api, peer.address, exc, exc.reason)
-            await context.abort(status_for(exc), exc.message)
-            raise AssertionError("unreachable: abort raises") from exc
+            await self._refuse(
+                api, peer, started, context, exc.reason, status_for(exc), exc.message
+            )
         self.metrics.issued.labels(api, str(attestation.method)).inc()
         self.metrics.latency.labels(api, "issued").observe(time.perf_counter() - started)
         log.info(
@@ -159,6 +211,33 @@ class CertificateFrontend:
             issued.ledger_sequence,
         )
         return issued.chain_pem
+
+    async def _authenticate(
+        self, peer: Peer, context: aio.ServicerContext[object, object]
+    ) -> Attestation:
+        try:
+            credential = credential_from_metadata(tuple(context.invocation_metadata() or ()))
+            return await self.authenticator.authenticate(credential, peer)
+        except AuthenticationError as exc:
+            self.metrics.auth_failures.labels(exc.reason).inc()
+            raise
+
+    async def _refuse(
+        self,
+        api: str,
+        peer: Peer,
+        started: float,
+        context: aio.ServicerContext[object, object],
+        reason: str,
+        code: grpc.StatusCode,
+        message: str,
+        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> NoReturn:
+        self.metrics.refused.labels(api, reason).inc()
+        self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
+        log.info("refused %s request from %s: %s (%s)", api, peer.address, message, reason)
+        await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
+        raise AssertionError("unreachable: abort raises")
 
 
 class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):  # type: ignore[misc]

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.authn.base import Attestation, Peer
+from meshca.ca.ledger import LedgerWriter
 from meshca.ca.policy import IssuancePolicy
 from meshca.errors import CSRError, PolicyError, StoreError
 from meshca.pki import csr as csr_checks
@@ -112,6 +113,7 @@ class Authority:
         self._root_cert = x509.load_pem_x509_certificate(root.certificate_pem.encode())
         self._root_pem = pem(self._root_cert)
         self._store = store
+        self._ledger = LedgerWriter(store)
         self._settings = intermediate or IntermediateSettings()
         self._clock = clock
         self._issuing: IssuingCA | None = None
@@ -339,7 +341,7 @@ class Authority:
             csr_sha256=csr_digest,
         )
         try:
-            row = await asyncio.to_thread(self._store.append_issuance, entry)
+            row = await self._ledger.append(entry)
         except StoreError:
             log.error("ledger write failed; certificate %s withheld", entry.serial_hex)
             raise
