@@ -1,20 +1,33 @@
-"""Prometheus metrics of one CA process, on a registry of its own (several per test run)."""
+"""Prometheus metrics of the CA.
+
+One process: a registry of its own (several CAs can run in one test process). Several
+worker processes (``--workers``): prometheus-client's multiprocess mode, enabled by the
+supervisor through ``PROMETHEUS_MULTIPROC_DIR`` before the workers start; any worker's
+``/metrics`` then reports the sum over all of them (and, for the expiry gauges, the
+soonest expiry among live workers).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+Expiry = Callable[[], datetime | None]
 
 
 class CAMetrics:
     """Issued, refused by reason, authentication failures, latency, time to expiry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.issued = Counter(
             "meshca_certificates_issued",
             "Certificates issued, by API and authentication method.",
@@ -44,28 +57,36 @@ class CAMetrics:
             "meshca_root_expiry_seconds",
             "Seconds until the active root CA certificate expires.",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self._intermediate_expiry = Gauge(
             "meshca_intermediate_expiry_seconds",
-            "Seconds until this process's issuing intermediate expires.",
+            "Seconds until the soonest-expiring issuing intermediate of a live process expires.",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
+        self._expiry_sources: tuple[Expiry, Expiry] | None = None
 
-    def track_expiry(
-        self,
-        root_not_after: Callable[[], datetime | None],
-        intermediate_not_after: Callable[[], datetime | None],
-    ) -> None:
-        """Compute the expiry gauges at scrape time from the given accessors."""
+    def track_expiry(self, root_not_after: Expiry, intermediate_not_after: Expiry) -> None:
+        """Where the expiry gauges read their deadlines; updated by :meth:`update_expiry`."""
+        self._expiry_sources = (root_not_after, intermediate_not_after)
+        self.update_expiry()
 
-        def seconds_until(get: Callable[[], datetime | None]) -> Callable[[], float]:
-            def value() -> float:
-                when = get()
-                if when is None:
-                    return float("nan")
-                return (when - datetime.now(UTC)).total_seconds()
+    def update_expiry(self) -> None:
+        if self._expiry_sources is None:
+            return
+        now = datetime.now(UTC)
+        for gauge, source in zip(
+            (self._root_expiry, self._intermediate_expiry), self._expiry_sources, strict=True
+        ):
+            when = source()
+            gauge.set((when - now).total_seconds() if when else float("nan"))
 
-            return value
-
-        self._root_expiry.set_function(seconds_until(root_not_after))
-        self._intermediate_expiry.set_function(seconds_until(intermediate_not_after))
+    def exposition(self) -> bytes:
+        """The text exposition format, current to this moment."""
+        self.update_expiry()
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

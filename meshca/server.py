@@ -38,7 +38,7 @@ from meshca.pki.profile import fingerprint
 from meshca.signers.base import Signer
 from meshca.signers.factory import open_signer
 from meshca.spiffe import SpiffeId
-from meshca.store import Store
+from meshca.store import RootRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class RunningServer:
         await self.authority.refresh_trust_bundle()
         if self.server_cert is not None:
             await self.server_cert.refresh(self.settings.max_ttl)
+        self.metrics.update_expiry()
 
     async def _maintain(self) -> None:
         while True:
@@ -147,22 +148,30 @@ def build_token_authenticator(settings: Settings) -> Authenticator:
     )
 
 
-async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]:
-    trust_domain = settings.trust_domain_value
-    store = await asyncio.to_thread(Store.open, settings.effective_database_url)
-    signer, key_created = await asyncio.to_thread(
-        open_signer, settings.signer, state_dir=settings.state_dir, create=True
-    )
-    if key_created:
-        log.info("created root key %s (%s)", signer.key_id, signer.algorithm)
-    root, _ = await asyncio.to_thread(
-        load_active_root,
+def _load_root(settings: Settings, store: Store, signer: Signer) -> RootRecord:
+    """The active root; the file backend creates it on first start, others never do."""
+    root, _ = load_active_root(
         store,
         signer,
-        trust_domain,
+        settings.trust_domain_value,
         now=utcnow(),
         create_ttl=settings.root_ttl if signer.backend == "file" else None,
     )
+    return root
+
+
+def _open_signer(settings: Settings) -> Signer:
+    signer, created = open_signer(settings.signer, state_dir=settings.state_dir, create=True)
+    if created:
+        log.info("created root key %s (%s)", signer.key_id, signer.algorithm)
+    return signer
+
+
+async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]:
+    trust_domain = settings.trust_domain_value
+    store = await asyncio.to_thread(Store.open, settings.effective_database_url)
+    signer = await asyncio.to_thread(_open_signer, settings)
+    root = await asyncio.to_thread(_load_root, settings, store, signer)
     authority = Authority(
         trust_domain=trust_domain,
         root_signer=signer,
@@ -178,6 +187,15 @@ async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]
     await authority.refresh_trust_bundle()
     await authority.issuing_ca()
     return store, signer, authority
+
+
+def prepare_state(settings: Settings) -> None:
+    """What several worker processes must not race on: migrations and the root."""
+    store = Store.open(settings.effective_database_url)
+    try:
+        _load_root(settings, store, _open_signer(settings))
+    finally:
+        store.close()
 
 
 def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int]) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from meshca.ca.authority import Authority
 from meshca.errors import MeshcaError
@@ -66,8 +66,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS_KEY].registry)
-    resp = web.Response(body=body)
+    resp = web.Response(body=request.app[METRICS_KEY].exposition())
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -119,6 +122,32 @@ DURATION = DurationParam()
     help="Lifetime when the request names none [default: 1h].",
 )
 @env_option(
+    "--workers",
+    env="WORKERS",
+    type=click.IntRange(1, 256),
+    help="Serving processes sharing the ports, each with its own issuing intermediate "
+    "[default: the number of CPUs].",
+)
+@env_option(
+    "--max-in-flight",
+    env="MAX_IN_FLIGHT",
+    type=click.IntRange(1),
+    help="Requests one process works on at once; more are refused with RESOURCE_EXHAUSTED "
+    "[default: 512].",
+)
+@env_option(
+    "--rate-limit-per-peer",
+    env="RATE_LIMIT_PER_PEER",
+    metavar="RATE|off",
+    help="Requests per peer IP address and process, e.g. 500/second [default: 500/second].",
+)
+@env_option(
+    "--rate-limit-per-identity",
+    env="RATE_LIMIT_PER_IDENTITY",
+    metavar="RATE|off",
+    help="Requests per SPIFFE ID and process [default: 100/second].",
+)
+@env_option(
     "--log-level",
     env="LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -137,9 +166,12 @@ def server(config_file: Path | None, **flags: object) -> None:
             flags[name] = None
     settings = load(config_file, **flags)
     setup_logging(settings.log_level)
+    workers = settings.workers or os.cpu_count() or 1
+    if workers > 1:
+        from meshca.supervisor import Supervisor
+
+        sys.exit(Supervisor(settings, workers).run())
     from meshca.server import serve
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass

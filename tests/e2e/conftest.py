@@ -84,8 +84,10 @@ async def processes() -> AsyncIterator[list[ServerProcess]]:
         await server.stop()
 
 
-def loopback_args(state_dir: Path) -> list[str]:
+def loopback_args(state_dir: Path, workers: int = 1) -> list[str]:
     return [
+        "--workers",
+        str(workers),
         "--state-dir",
         str(state_dir),
         "--grpc-listen",
