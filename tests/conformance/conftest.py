@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from meshca.pki.keys import KeyAlgorithm
 from meshca.signers.base import Signer
 from meshca.signers.file import FileSigner
+from tests.conformance import _gcpkms, _pkcs11
 from tests.pki.helpers import key
 
 SignerFactory = Callable[[KeyAlgorithm], Signer]
 
-BACKENDS = ["file"]
+BACKENDS = ["file", "gcpkms", "pkcs11"]
 
 
 def _make_file(base: Path, algorithm: KeyAlgorithm) -> Signer:
@@ -43,7 +44,11 @@ def _make_file(base: Path, algorithm: KeyAlgorithm) -> Signer:
     return FileSigner.load(path)
 
 
-_MAKERS: dict[str, Callable[[Path, KeyAlgorithm], Signer]] = {"file": _make_file}
+_MAKERS: dict[str, Callable[[Path, KeyAlgorithm], Signer]] = {
+    "file": _make_file,
+    "gcpkms": _gcpkms.make,
+    "pkcs11": _pkcs11.make,
+}
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
