@@ -221,6 +221,12 @@ class Settings(BaseSettings):
     intermediate_name_constraints: bool = False
     root_ttl: Duration = timedelta(days=3650)
     signer: SignerConfig = Field(default_factory=FileSignerConfig)
+    issuing_key: Literal["memory", "hsm"] = "memory"
+    """Where issuing-intermediate keys live: process memory, or the PKCS#11 token of
+    ``signer`` (every workload certificate then signed in the HSM)."""
+    fips: bool = False
+    """Allow only FIPS-approved algorithms and modules: refuses the ``file`` signer and
+    requires ``issuing_key: hsm`` (see SECURITY.md for what is and is not validated)."""
     clusters: list[ClusterConfig] = Field(default_factory=list)
     default_cluster: str | None = None
     """Cluster used when a caller sends no ``clusterid`` header (default: the first)."""
@@ -296,6 +302,22 @@ class Settings(BaseSettings):
                 f"left when it rotates ({format_duration(remaining_at_rotation)}: intermediate_ttl "
                 "x (1 - intermediate_rotate_fraction)); certificates would be cut short"
             )
+        if self.issuing_key == "hsm" and not isinstance(self.signer, Pkcs11SignerConfig):
+            raise ValueError(
+                f"issuing_key 'hsm' needs a pkcs11 signer (the token that holds the root); "
+                f"the signer is {self.signer.kind!r}"
+            )
+        if self.fips:
+            if isinstance(self.signer, FileSignerConfig):
+                raise ValueError(
+                    "fips mode refuses the 'file' signer: keep the root in a FIPS 140-3 "
+                    "validated HSM (pkcs11) or Cloud KMS with protection level HSM"
+                )
+            if self.issuing_key != "hsm":
+                raise ValueError(
+                    "fips mode needs issuing_key 'hsm': with 'memory', workload certificates "
+                    "are signed outside a validated module"
+                )
         if self.k8s_api_server and (self.k8s_oidc_issuer or self.k8s_jwks_url):
             raise ValueError(
                 "k8s_api_server (TokenReview) and k8s_oidc_issuer/k8s_jwks_url (local JWT "

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,13 +30,14 @@ from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, utcnow
+from meshca.ca.issuing_keys import HsmKeys, MemoryKeys
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root
-from meshca.config import Settings
+from meshca.config import Pkcs11SignerConfig, Settings
 from meshca.errors import AuthenticationError, ConfigError, MeshcaError
 from meshca.metrics import CAMetrics
 from meshca.pki.profile import fingerprint
-from meshca.signers.base import Signer
+from meshca.signers.base import Signer, close_signer
 from meshca.signers.factory import open_signer
 from meshca.spiffe import SpiffeId
 from meshca.store import RootRecord, Store
@@ -43,6 +45,7 @@ from meshca.store import RootRecord, Store
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL = timedelta(seconds=30)
+SIGNER_PROBE_INTERVAL = timedelta(seconds=30)
 SERVICE_NAMES = (
     "istio.v1.auth.IstioCertificateService",
     "google.security.meshca.v1.MeshCertificateService",
@@ -135,6 +138,8 @@ class RunningServer:
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.authenticator.close()
+        await self.authority.close()
+        await asyncio.to_thread(close_signer, self.signer)
         await asyncio.to_thread(self.store.close)
 
 
@@ -179,6 +184,9 @@ async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]
         store=store,
         policy=IssuancePolicy(trust_domain, settings.max_ttl, settings.default_ttl),
         intermediate=IntermediateSettings(
+            keys=HsmKeys(settings.signer)
+            if settings.issuing_key == "hsm" and isinstance(settings.signer, Pkcs11SignerConfig)
+            else MemoryKeys(),
             ttl=settings.intermediate_ttl,
             rotate_fraction=settings.intermediate_rotate_fraction,
             name_constraints=settings.intermediate_name_constraints,
@@ -193,7 +201,11 @@ def prepare_state(settings: Settings) -> None:
     """What several worker processes must not race on: migrations and the root."""
     store = Store.open(settings.effective_database_url)
     try:
-        _load_root(settings, store, _open_signer(settings))
+        signer = _open_signer(settings)
+        try:
+            _load_root(settings, store, signer)
+        finally:
+            close_signer(signer)
     finally:
         store.close()
 
@@ -271,8 +283,16 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
     for service in (*SERVICE_NAMES, ""):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    signer_ok_until = 0.0
+
     async def check_signer() -> None:
+        # A probe signature is a billed round trip on KMS: prove the signer at most
+        # once per SIGNER_PROBE_INTERVAL, however often the orchestrator asks.
+        nonlocal signer_ok_until
+        if time.monotonic() < signer_ok_until:
+            return
         await asyncio.to_thread(signer.sign, b"meshca readiness probe")
+        signer_ok_until = time.monotonic() + SIGNER_PROBE_INTERVAL.total_seconds()
 
     async def check_database() -> None:
         await asyncio.to_thread(store.ping)

@@ -9,23 +9,25 @@ ledger row first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.authn.base import Attestation, Peer
+from meshca.ca.issuing_keys import IssuingKey, IssuingKeySource, MemoryKeys
 from meshca.ca.ledger import LedgerWriter
 from meshca.ca.policy import IssuancePolicy
 from meshca.errors import CSRError, PolicyError, StoreError
 from meshca.pki import csr as csr_checks
 from meshca.pki import profile
-from meshca.pki.keys import KeyAlgorithm, PrivateKey, PublicKey
+from meshca.pki.keys import KeyAlgorithm, PublicKey
 from meshca.signers.base import Signer
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import IntermediateRecord, NewIssuance, RootRecord, Store
@@ -47,7 +49,7 @@ def pem(cert: x509.Certificate) -> str:
 class IssuingCA:
     """The in-memory issuing intermediate of this process."""
 
-    key: PrivateKey | Signer
+    key: IssuingKey
     certificate: x509.Certificate
     fingerprint: str
     rotate_at: datetime
@@ -84,6 +86,9 @@ class IntermediateSettings:
     ttl: timedelta = timedelta(hours=48)
     rotate_fraction: float = 0.5
     key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    keys: IssuingKeySource = field(default_factory=MemoryKeys)
+    retire_grace: timedelta = timedelta(seconds=60)
+    """How long a replaced issuing key stays usable for requests already signing with it."""
     name_constraints: bool = False
 
 
@@ -157,6 +162,11 @@ class Authority:
             fresh = await self._mint_intermediate()
             self._issuing = fresh
             if current is not None:
+                asyncio.get_running_loop().call_later(
+                    self._settings.retire_grace.total_seconds(),
+                    self._settings.keys.retire,
+                    current.key,
+                )
                 log.info(
                     "rotated issuing intermediate %s -> %s (old one expires %s)",
                     current.fingerprint[:16],
@@ -165,9 +175,15 @@ class Authority:
                 )
             return fresh
 
+    async def close(self) -> None:
+        """Dispose of the current issuing key (an HSM session object is destroyed)."""
+        current, self._issuing = self._issuing, None
+        if current is not None:
+            await asyncio.to_thread(self._settings.keys.retire, current.key)
+
     async def _mint_intermediate(self) -> IssuingCA:
         settings = self._settings
-        key = settings.key_algorithm.generate()
+        key = await asyncio.to_thread(settings.keys.new_key, settings.key_algorithm)
         now = self._clock()
         cert = await asyncio.to_thread(
             profile.build_intermediate,
@@ -316,7 +332,8 @@ class Authority:
         not_after = min(now + lifetime, ca.not_after)
         if not_after <= now:
             raise CSRError("the issuing intermediate has expired", reason="issuer_expired")
-        cert = profile.build_svid(
+        build = functools.partial(
+            profile.build_svid,
             ca.key,
             ca.certificate,
             public_key,
@@ -325,6 +342,8 @@ class Authority:
             now=now,
             dns_names=dns_names,
         )
+        # An HSM-held issuing key costs a round trip per certificate: keep it off the loop.
+        cert = await asyncio.to_thread(build) if self._settings.keys.in_hardware else build()
         leaf_pem = pem(cert)
         entry = NewIssuance(
             serial_hex=format(cert.serial_number, "x"),

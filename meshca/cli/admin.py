@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from meshca.cli.admin_root import root
 from meshca.cli.common import fail, load, reports_errors, settings_options, table
 from meshca.store import Store
 
@@ -22,7 +23,10 @@ def _when(value: datetime) -> str:
 
 @click.group()
 def admin() -> None:
-    """Inspect and audit the CA: status, ledger verification, database migrations."""
+    """Inspect and audit the CA: status, roots, ledger verification, database migrations."""
+
+
+admin.add_command(root)
 
 
 @admin.command()

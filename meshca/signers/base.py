@@ -156,3 +156,10 @@ def as_private_key(signer: Signer) -> PrivateKey:
     if signer.algorithm.is_ec:
         return _EcSignerKey(signer)
     return _RsaSignerKey(signer)
+
+
+def close_signer(signer: Signer) -> None:
+    """Release a signer's sessions or clients, for backends that hold any."""
+    close = getattr(signer, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,253 @@
+"""``meshca admin root create|list``: CA roots in their key backends.
+
+``create`` makes the key inside the backend (a file, a PKCS#11 token, a Cloud KMS key
+version), self-signs the root with it and records it as the active root. Backend options
+come from the config file's ``signer`` section, ``MESHCA_SIGNER__*`` variables, or the
+flags below; the PKCS#11 PIN only ever from an environment variable or a file.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshca.ca.roots import create_root
+from meshca.cli.common import env_option, fail, load, reports_errors, settings_options, table
+from meshca.config import FileSignerConfig, GcpKmsSignerConfig, Pkcs11SignerConfig, Settings
+from meshca.durations import format_duration, parse_duration
+from meshca.errors import ConfigError
+from meshca.pki.keys import KeyAlgorithm
+from meshca.signers.base import Signer, close_signer
+from meshca.store import Store
+
+
+def _when(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@click.group()
+def root() -> None:
+    """CA roots: create one in a key backend, list them."""
+
+
+def _signer_section(settings: Settings, kind: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The signer config: the file's section (if the same kind), overridden by flags."""
+    current = settings.signer.model_dump(mode="json")
+    kind = kind or current["kind"]
+    section = current if current["kind"] == kind else {"kind": kind}
+    section.update({k: v for k, v in flags.items() if v is not None})
+    return section
+
+
+def _create_file_or_pkcs11(settings: Settings, key_type: KeyAlgorithm) -> Signer:
+    config = settings.signer
+    if isinstance(config, FileSignerConfig):
+        from meshca.signers.file import FileSigner
+
+        return FileSigner.create(config.key_file or settings.state_dir / "root-key.pem", key_type)
+    assert isinstance(config, Pkcs11SignerConfig)
+    from meshca.signers.pkcs11 import Pkcs11Signer
+
+    return Pkcs11Signer.create(config, key_type)
+
+
+def _create_kms_version(
+    settings: Settings,
+    key_type: KeyAlgorithm,
+    crypto_key: str | None,
+    protection_level: str,
+    endpoint: str | None,
+    insecure: bool | None,
+) -> Signer:
+    from meshca.signers.gcpkms import GcpKmsSigner
+
+    if not crypto_key:
+        raise ConfigError(
+            "--kms-crypto-key projects/P/locations/L/keyRings/R/cryptoKeys/K is required: "
+            "a new key version is created there"
+        )
+    configured = settings.signer if isinstance(settings.signer, GcpKmsSignerConfig) else None
+    return GcpKmsSigner.create_version(
+        crypto_key,
+        key_type,
+        protection_level="software" if protection_level == "software" else "hsm",
+        endpoint=endpoint or (configured.endpoint if configured else None),
+        insecure_endpoint=bool(
+            insecure if insecure is not None else configured and configured.insecure_endpoint
+        ),
+        timeout=configured.timeout if configured else timedelta(seconds=10),
+    )
+
+
+@root.command()
+@settings_options
+@click.option(
+    "--signer",
+    "kind",
+    type=click.Choice(["file", "pkcs11", "gcpkms"]),
+    help="Key backend [default: the config file's signer.kind, else file].",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice([a.value for a in KeyAlgorithm]),
+    help="Root key algorithm [default: the signer's key_type, else ec-p256].",
+)
+@click.option("--ttl", default="10y", show_default=True, help="Root certificate lifetime.")
+@click.option("--trust-domain", help="SPIFFE trust domain [default: from config].")
+@click.option("--key-file", type=click.Path(path_type=Path), help="file: where the key goes.")
+@env_option(
+    "--pkcs11-module",
+    env="PKCS11_MODULE",
+    type=click.Path(path_type=Path),
+    help="pkcs11: the vendor library, e.g. /usr/lib/softhsm/libsofthsm2.so.",
+)
+@env_option("--pkcs11-token-label", env="PKCS11_TOKEN_LABEL", help="pkcs11: token label.")
+@env_option("--pkcs11-key-label", env="PKCS11_KEY_LABEL", help="pkcs11: key label.")
+@env_option(
+    "--pkcs11-pin-file",
+    env="PKCS11_PIN_FILE",
+    type=click.Path(path_type=Path),
+    help="pkcs11: file holding the user PIN [default: $MESHCA_PKCS11_PIN].",
+)
+@env_option(
+    "--kms-crypto-key",
+    env="KMS_CRYPTO_KEY",
+    help="gcpkms: projects/P/locations/L/keyRings/R/cryptoKeys/K.",
+)
+@click.option(
+    "--kms-protection-level",
+    type=click.Choice(["hsm", "software"]),
+    default="hsm",
+    show_default=True,
+    help="gcpkms: protection level of a new CryptoKey.",
+)
+@env_option("--kms-endpoint", env="KMS_ENDPOINT", help="gcpkms: API endpoint HOST:PORT.")
+@click.option(
+    "--kms-insecure-endpoint",
+    is_flag=True,
+    default=None,
+    help="gcpkms: plaintext to --kms-endpoint without credentials (emulators only).",
+)
+@reports_errors
+def create(
+    config_file: Path | None,
+    state_dir: Path | None,
+    database_url: str | None,
+    kind: str | None,
+    key_type: str | None,
+    ttl: str,
+    trust_domain: str | None,
+    key_file: Path | None,
+    pkcs11_module: Path | None,
+    pkcs11_token_label: str | None,
+    pkcs11_key_label: str | None,
+    pkcs11_pin_file: Path | None,
+    kms_crypto_key: str | None,
+    kms_protection_level: str,
+    kms_endpoint: str | None,
+    kms_insecure_endpoint: bool | None,
+) -> None:
+    """Create a root key in the backend, self-sign the root, record it as active."""
+    settings = load(
+        config_file, state_dir=state_dir, database_url=database_url, trust_domain=trust_domain
+    )
+    chosen = kind or settings.signer.kind
+    if chosen != "gcpkms":
+        flags: dict[str, Any] = {"key_type": key_type}
+        if chosen == "file":
+            flags["key_file"] = str(key_file) if key_file else None
+        else:
+            flags.update(
+                module=str(pkcs11_module) if pkcs11_module else None,
+                token_label=pkcs11_token_label,
+                key_label=pkcs11_key_label,
+                pin_file=str(pkcs11_pin_file) if pkcs11_pin_file else None,
+            )
+        settings = load(
+            config_file,
+            state_dir=state_dir,
+            database_url=database_url,
+            trust_domain=trust_domain,
+            signer=_signer_section(settings, chosen, flags),
+        )
+    algorithm = KeyAlgorithm(key_type or str(getattr(settings.signer, "key_type", "ec-p256")))
+    try:
+        lifetime = parse_duration(ttl)
+    except ValueError as exc:
+        fail(f"--ttl: {exc}", 2)
+    if lifetime < timedelta(days=1):
+        fail(f"--ttl {ttl} is too short for a root; use days or years", 2)
+
+    store = Store.open(settings.effective_database_url)
+    try:
+        active = store.active_root()
+        if active is not None:
+            fail(
+                f"an active root exists ({active.fingerprint[:16]}, {active.backend}: "
+                f"{active.key_ref}); adding a second root is a rotation, which must publish "
+                "the new root in the trust bundle before it signs: not done by `root create`",
+                1,
+            )
+        click.echo(f"creating a {algorithm} key in the {chosen} backend ...")
+        if chosen == "gcpkms":
+            signer = _create_kms_version(
+                settings,
+                algorithm,
+                kms_crypto_key,
+                kms_protection_level,
+                kms_endpoint,
+                kms_insecure_endpoint,
+            )
+        else:
+            signer = _create_file_or_pkcs11(settings, algorithm)
+        try:
+            record = create_root(
+                store, signer, settings.trust_domain_value, ttl=lifetime, now=datetime.now(UTC)
+            )
+        finally:
+            close_signer(signer)
+    finally:
+        store.close()
+    click.echo(
+        f"root {record.fingerprint} created, valid until {_when(record.not_after)} "
+        f"({format_duration(lifetime)})"
+    )
+    click.echo(f"  subject: {record.subject}")
+    click.echo(f"  key:     {record.backend}: {record.key_ref}")
+    if record.backend == "gcpkms":
+        click.echo(
+            f"configure the server with signer.kind=gcpkms, signer.key_version={record.key_ref}"
+        )
+    elif record.backend == "pkcs11":
+        click.echo(
+            "configure the server with the same signer section (kind=pkcs11, module, "
+            "token_label, key_label; PIN from the environment or pin_file)"
+        )
+
+
+@root.command(name="list")
+@settings_options
+@reports_errors
+def list_roots(config_file: Path | None, state_dir: Path | None, database_url: str | None) -> None:
+    """Every root: backend, key reference, algorithm, fingerprint, notAfter, state."""
+    settings = load(config_file, state_dir=state_dir, database_url=database_url)
+    store = Store.open(settings.effective_database_url)
+    try:
+        roots = store.list_roots()
+    finally:
+        store.close()
+    if not roots:
+        click.echo("no roots recorded; `meshca admin root create` makes one")
+        return
+    click.echo(
+        table(
+            ["fingerprint", "state", "backend", "key", "algorithm", "not after"],
+            [
+                [r.fingerprint, r.state, r.backend, r.key_ref, r.algorithm, _when(r.not_after)]
+                for r in roots
+            ],
+        )
+    )
