@@ -9,9 +9,14 @@ stopped when the interpreter exits. Its keys are the session's test keys
 from __future__ import annotations
 
 import atexit
+import secrets
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
+
+import grpc
 
 from meshca.config import GcpKmsSignerConfig
 from meshca.pki.keys import KeyAlgorithm
@@ -60,3 +65,29 @@ def make(base: Path, algorithm: KeyAlgorithm) -> Signer:
         timeout=timedelta(seconds=10),
     )
     return GcpKmsSigner.open(config)
+
+
+def outage(base: Path) -> tuple[Signer, Callable[[], AbstractContextManager[None]]]:
+    """A signer with a short deadline, and KMS answering UNAVAILABLE to every call."""
+    kms = emulator()
+    version = kms.add_key(
+        f"{KEY_RING}/cryptoKeys/outage-{secrets.token_hex(4)}", "EC_SIGN_P256_SHA256"
+    )
+    signer = GcpKmsSigner.open(
+        GcpKmsSignerConfig(
+            key_version=version,
+            endpoint=kms.endpoint,
+            insecure_endpoint=True,
+            timeout=timedelta(milliseconds=300),
+        )
+    )
+
+    @contextmanager
+    def unavailable() -> Iterator[None]:
+        kms.fail_always(grpc.StatusCode.UNAVAILABLE)
+        try:
+            yield
+        finally:
+            kms.reset_faults()
+
+    return signer, unavailable

@@ -12,14 +12,15 @@ slow, and a backend must cope with one key signing many times anyway.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from meshca.pki.keys import KeyAlgorithm
-from meshca.signers.base import Signer
+from meshca.signers.base import Signer, close_signer
 from meshca.signers.file import FileSigner
 from tests.conformance import _gcpkms, _pkcs11
 from tests.pki.helpers import key
@@ -65,3 +66,27 @@ def signer_factory(
         return cache[algorithm]
 
     return make
+
+
+Outage = tuple[Signer, Callable[[], AbstractContextManager[None]]]
+
+
+def _file_outage(base: Path) -> Outage:
+    pytest.skip("the file backend holds its key in memory once loaded: there is no backend to lose")
+
+
+_OUTAGES: dict[str, Callable[[Path], Outage]] = {
+    "file": _file_outage,
+    "gcpkms": _gcpkms.outage,
+    "pkcs11": _pkcs11.outage,
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def outage(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Outage]:
+    """A signer of the backend, and a context manager during which its backend is gone."""
+    signer, unplugged = _OUTAGES[request.param](tmp_path_factory.getbasetemp())
+    yield signer, unplugged
+    close_signer(signer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -20,10 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from meshca.errors import SignerError
 from meshca.pki import profile
 from meshca.pki.keys import KeyAlgorithm, PublicKey
 from meshca.signers.base import Signer, as_private_key
 from meshca.spiffe import TrustDomain
+from tests.conformance.conftest import Outage
 from tests.pki.helpers import key, needs_openssl, openssl_verify
 
 ALGORITHMS = list(KeyAlgorithm)
@@ -159,3 +162,25 @@ async def test_signing_off_the_event_loop(signer: Signer) -> None:
     signatures = await asyncio.gather(*(asyncio.to_thread(signer.sign, m) for m in messages))
     for data, signature in zip(messages, signatures, strict=True):
         verify(signer.public_key(), signer.algorithm, signature, data)
+
+
+def test_backend_outage_is_a_signer_error_then_recovers(outage: Outage) -> None:
+    """While the backend is gone, sign() raises SignerError (never a crash, never a bad
+    signature); once it is back, signing works again within a bounded time."""
+    signer, unplugged = outage
+    public = signer.public_key()
+    verify(public, signer.algorithm, signer.sign(b"before"), b"before")
+    with unplugged():
+        with pytest.raises(SignerError) as info:
+            signer.sign(b"during")
+        assert info.value.message
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            signature = signer.sign(b"after")
+            break
+        except SignerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    verify(public, signer.algorithm, signature, b"after")
