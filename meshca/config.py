@@ -91,6 +91,8 @@ class JwtCluster(_Strict):
     leeway: Duration = timedelta(seconds=30)
     jwks_refresh_interval: Duration = timedelta(seconds=30)
     """Minimum time between two JWKS fetches triggered by an unknown ``kid``."""
+    cache_ttl: Duration = timedelta(seconds=60)
+    """How long a verified token is trusted without re-checking (never past its exp)."""
     timeout: Duration = timedelta(seconds=5)
 
     @model_validator(mode="after")
@@ -264,15 +266,12 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_per_peer", "rate_limit_per_identity")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
-        if not value or value.strip().lower() in ("off", "none"):
-            return None
-        from limits import parse
+        from meshca.api.admission import parse_rate
 
         try:
-            parse(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a rate such as '500/second': {exc}") from exc
-        return value
+            return value if parse_rate(value) is not None else None
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("grpc_mtls_listen", mode="before")
     @classmethod

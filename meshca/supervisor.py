@@ -72,7 +72,7 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
     from meshca.server import start_server
 
     settings = Settings.model_validate_json(settings_json)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, background=True)
 
     async def run() -> None:
         try:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import jwt
 
+from meshca.authn._cache import VerifiedTokenCache
 from meshca.authn.base import AuthMethod
 from meshca.config import JwtCluster
 from meshca.durations import format_duration
@@ -154,6 +155,7 @@ class JwksVerifier:
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._jwks_uri: str | None = cluster.jwks_url
+        self.cache = VerifiedTokenCache()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -161,7 +163,19 @@ class JwksVerifier:
             self._session = None
 
     async def verify(self, token: str) -> ServiceAccountIdentity:
-        """Return the identity in ``token`` or raise AuthenticationError naming the defect."""
+        """Return the identity in ``token`` or raise AuthenticationError naming the defect.
+
+        A token verified before (within ``cache_ttl`` and before its ``exp``) is answered
+        from the cache without checking its signature again.
+        """
+        cached = self.cache.get(token, time.time())
+        if cached is not None:
+            return cached
+        identity = await self._verify(token)
+        self.cache.remember(token, identity, self._cluster.cache_ttl, time.time())
+        return identity
+
+    async def _verify(self, token: str) -> ServiceAccountIdentity:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

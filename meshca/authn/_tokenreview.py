@@ -17,16 +17,14 @@ the token's own ``exp`` and ``cache_ttl``. Refusals are never cached.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
 
 import aiohttp
 
+from meshca.authn._cache import DEFAULT_CACHE_SIZE, VerifiedTokenCache
 from meshca.authn._jwks import (
     ServiceAccountIdentity,
     json_object,
@@ -43,47 +41,7 @@ TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
-DEFAULT_CACHE_SIZE = 10_000
 _MAX_ERROR_TEXT = 200
-
-
-class ReviewCache:
-    """Positive TokenReview results, keyed by ``sha256(token)``, oldest evicted first.
-
-    The token itself is never stored: a dump of the cache yields nothing replayable.
-    """
-
-    def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
-        self._max = max_entries
-        self._entries: OrderedDict[str, tuple[ServiceAccountIdentity, float]] = OrderedDict()
-
-    @staticmethod
-    def key(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
-
-    def get(self, token: str, now: float) -> ServiceAccountIdentity | None:
-        key = self.key(token)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        identity, until = entry
-        if now >= until:
-            del self._entries[key]
-            return None
-        return identity
-
-    def put(self, token: str, identity: ServiceAccountIdentity, until: float) -> None:
-        key = self.key(token)
-        self._entries[key] = (identity, until)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> Iterator[str]:
-        return iter(self._entries)
 
 
 def _refusal(reason: str, message: str) -> AuthenticationError:
@@ -118,7 +76,7 @@ class TokenReviewer:
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
         self._url = cluster.api_server + TOKENREVIEW_PATH
-        self.cache = ReviewCache(cache_size)
+        self.cache = VerifiedTokenCache(cache_size)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -132,12 +90,7 @@ class TokenReviewer:
             return cached
         status = await self._review(token)
         identity = self._judge(status, token)
-        now = time.time()
-        until = now + self._cluster.cache_ttl.total_seconds()
-        if identity.expires_at is not None:
-            until = min(until, identity.expires_at.timestamp())
-        if until > now:
-            self.cache.put(token, identity, until)
+        self.cache.remember(token, identity, self._cluster.cache_ttl, time.time())
         return identity
 
     async def _credentials(self) -> str | None:

@@ -53,6 +53,8 @@ class IssuingCA:
     certificate: x509.Certificate
     fingerprint: str
     rotate_at: datetime
+    signer: profile.PreparedIssuer
+    certificate_pem: str
 
     @property
     def not_after(self) -> datetime:
@@ -215,7 +217,14 @@ class Authority:
             cert.not_valid_after_utc.isoformat(),
             rotate_at.isoformat(),
         )
-        return IssuingCA(key=key, certificate=cert, fingerprint=fingerprint, rotate_at=rotate_at)
+        return IssuingCA(
+            key=key,
+            certificate=cert,
+            fingerprint=fingerprint,
+            rotate_at=rotate_at,
+            signer=profile.PreparedIssuer.prepare(key, cert),
+            certificate_pem=pem(cert),
+        )
 
     async def issue(
         self, request: IssueRequest, attestation: Attestation, peer: Peer
@@ -334,7 +343,7 @@ class Authority:
             raise CSRError("the issuing intermediate has expired", reason="issuer_expired")
         build = functools.partial(
             profile.build_svid,
-            ca.key,
+            ca.signer,
             ca.certificate,
             public_key,
             spiffe_id,
@@ -364,5 +373,5 @@ class Authority:
         except StoreError:
             log.error("ledger write failed; certificate %s withheld", entry.serial_hex)
             raise
-        chain = (leaf_pem, pem(ca.certificate), self._root_pem)
+        chain = (leaf_pem, ca.certificate_pem, self._root_pem)
         return IssuedCertificate(certificate=cert, chain_pem=chain, ledger_sequence=row.sequence)

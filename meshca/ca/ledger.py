@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from meshca.errors import StoreError
-from meshca.store import LedgerEntry, NewIssuance, Store
+from meshca.store import LedgerRow, NewIssuance, Store
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ MAX_BATCH = 256
 @dataclass
 class _Pending:
     entry: NewIssuance
-    done: asyncio.Future[LedgerEntry] = field(
+    done: asyncio.Future[LedgerRow] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -40,7 +40,7 @@ class LedgerWriter:
         self.batches = 0
         self.rows = 0
 
-    async def append(self, entry: NewIssuance) -> LedgerEntry:
+    async def append(self, entry: NewIssuance) -> LedgerRow:
         pending = _Pending(entry)
         self._queue.append(pending)
         if self._flusher is None or self._flusher.done():

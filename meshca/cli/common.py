@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import logging.handlers
+import queue
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,12 +82,21 @@ def reports_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, *, background: bool = False) -> None:
+    """Log to stderr. ``background``: the caller only enqueues records and a thread
+    writes them, so a slow stderr (a full pipe) never stalls the server's event loop."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if not background:
+        root.addHandler(handler)
+        return
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    atexit.register(listener.stop)
+    root.addHandler(logging.handlers.QueueHandler(records))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -165,7 +165,7 @@ def server(config_file: Path | None, **flags: object) -> None:
         if flags.get(name) == ():
             flags[name] = None
     settings = load(config_file, **flags)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, background=True)
     workers = settings.workers or os.cpu_count() or 1
     if workers > 1:
         from meshca.supervisor import Supervisor

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -191,8 +192,38 @@ def build_intermediate(
     return builder.sign(key, algorithm.hash_algorithm())
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedIssuer:
+    """An issuing key and certificate checked once, with what every leaf copies from them.
+
+    Building a leaf then skips re-checking the issuer (key matches certificate, CA:true,
+    its trust domain) and re-deriving its AKI: work that is the same for every
+    certificate an intermediate signs.
+    """
+
+    key: PrivateKey
+    algorithm: KeyAlgorithm
+    certificate: x509.Certificate
+    subject: x509.Name
+    authority_key_id: x509.AuthorityKeyIdentifier
+    spiffe_ids: tuple[str, ...]
+
+    @classmethod
+    def prepare(cls, issuer: Signer | PrivateKey, issuer_cert: x509.Certificate) -> PreparedIssuer:
+        key, algorithm = _signing_key(issuer)
+        _check_issuer(key, issuer_cert, child_path_length=None)
+        return cls(
+            key=key,
+            algorithm=algorithm,
+            certificate=issuer_cert,
+            subject=issuer_cert.subject,
+            authority_key_id=_aki(issuer_cert),
+            spiffe_ids=tuple(u for u in uri_sans(issuer_cert) if u.startswith("spiffe://")),
+        )
+
+
 def build_svid(
-    issuer: Signer | PrivateKey,
+    issuer: Signer | PrivateKey | PreparedIssuer,
     issuer_cert: x509.Certificate,
     public_key: PublicKey,
     spiffe_id: SpiffeId,
@@ -214,12 +245,14 @@ def build_svid(
     when it fits in 64 characters, becomes the subject CN, so the SAN is then
     non-critical.
     """
-    key, algorithm = _signing_key(issuer)
-    _check_issuer(key, issuer_cert, child_path_length=None)
+    if not isinstance(issuer, PreparedIssuer):
+        issuer = PreparedIssuer.prepare(issuer, issuer_cert)
+    elif issuer.certificate != issuer_cert:
+        raise ValueError("the prepared issuer belongs to another certificate")
     KeyAlgorithm.of(public_key)  # raises UnsupportedKeyError (a ValueError)
     if spiffe_id.is_trust_domain_id:
         raise ValueError(f"an X509-SVID needs a SPIFFE ID with a path, got {spiffe_id}")
-    issuer_ids = [uri for uri in uri_sans(issuer_cert) if uri.startswith("spiffe://")]
+    issuer_ids = issuer.spiffe_ids
     if issuer_ids and str(spiffe_id.trust_domain.id) not in issuer_ids:
         raise ValueError(f"{spiffe_id} is outside the issuer's trust domain ({issuer_ids[0]})")
     now = _utc(now)
@@ -231,7 +264,7 @@ def build_svid(
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])])
     is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     builder = (
-        _base(subject, issuer_cert.subject, public_key, new_serial(), not_before, not_after)
+        _base(subject, issuer.subject, public_key, new_serial(), not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -254,10 +287,10 @@ def build_svid(
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_aki(issuer_cert), critical=False)
+        .add_extension(issuer.authority_key_id, critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=len(subject) == 0)
     )
-    return builder.sign(key, algorithm.hash_algorithm())
+    return builder.sign(issuer.key, issuer.algorithm.hash_algorithm())
 
 
 def _signing_key(issuer: Signer | PrivateKey) -> tuple[PrivateKey, KeyAlgorithm]:

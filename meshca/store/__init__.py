@@ -8,7 +8,7 @@ The ledger's row-hash encoding is a compatibility contract documented in :mod:`.
 
 from __future__ import annotations
 
-from meshca.store.chain import GENESIS_HASH, NewIssuance, row_hash
+from meshca.store.chain import GENESIS_HASH, LedgerRow, NewIssuance, row_hash
 from meshca.store.models import IntermediateRecord, LedgerEntry, LedgerHead, RootRecord
 from meshca.store.store import Store, StoreCounts
 from meshca.store.verify import LedgerProblem, LedgerReport
@@ -20,6 +20,7 @@ __all__ = [
     "LedgerHead",
     "LedgerProblem",
     "LedgerReport",
+    "LedgerRow",
     "NewIssuance",
     "RootRecord",
     "Store",

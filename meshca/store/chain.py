@@ -39,8 +39,9 @@ off the host, a transparency log) is what makes that visible too.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from meshca.store._types import to_utc
 from meshca.store.models import LedgerEntry
@@ -75,9 +76,9 @@ class NewIssuance:
         for name in ("not_before", "not_after", "issued_at"):
             to_utc(getattr(self, name), field=name)
 
-    def to_entry(self, sequence: int, prev_hash: str) -> LedgerEntry:
+    def to_row(self, sequence: int, prev_hash: str) -> LedgerRow:
         """The ledger row for this issuance at ``sequence``, hashed and ready to insert."""
-        entry = LedgerEntry(
+        row = LedgerRow(
             sequence=sequence,
             serial_hex=self.serial_hex,
             spiffe_id=self.spiffe_id,
@@ -94,8 +95,35 @@ class NewIssuance:
             prev_hash=prev_hash,
             row_hash="",
         )
-        entry.row_hash = row_hash(entry)
-        return entry
+        return replace(row, row_hash=row_hash(row))
+
+    def to_entry(self, sequence: int, prev_hash: str) -> LedgerEntry:
+        """The same row as an ORM object (for tests and tools that want one)."""
+        return LedgerEntry(**self.to_row(sequence, prev_hash).columns())
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """A ledger row as written: every column, plain values (cheaper than an ORM object)."""
+
+    sequence: int
+    serial_hex: str
+    spiffe_id: str
+    auth_method: str
+    evidence: str
+    peer_address: str
+    not_before: datetime
+    not_after: datetime
+    intermediate_fingerprint: str
+    request_id: str | None
+    csr_sha256: str | None
+    certificate_pem: str
+    issued_at: datetime
+    prev_hash: str
+    row_hash: str
+
+    def columns(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*HASHED_COLUMNS, "row_hash")}
 
 
 def _field(value: _HashedValue) -> bytes:
@@ -113,27 +141,30 @@ def _field(value: _HashedValue) -> bytes:
     return tag + len(data).to_bytes(8, "big") + data
 
 
-def canonical_bytes(entry: LedgerEntry) -> bytes:
+HASHED_COLUMNS = (
+    "sequence",
+    "serial_hex",
+    "spiffe_id",
+    "auth_method",
+    "evidence",
+    "peer_address",
+    "not_before",
+    "not_after",
+    "intermediate_fingerprint",
+    "request_id",
+    "csr_sha256",
+    "certificate_pem",
+    "issued_at",
+    "prev_hash",
+)
+"""Every ledger column but ``row_hash``, in the order the v1 encoding hashes them."""
+
+
+def canonical_bytes(entry: LedgerEntry | LedgerRow) -> bytes:
     """The v1 encoding of ``entry`` (every column but ``row_hash``), as documented above."""
-    values: tuple[_HashedValue, ...] = (
-        entry.sequence,
-        entry.serial_hex,
-        entry.spiffe_id,
-        entry.auth_method,
-        entry.evidence,
-        entry.peer_address,
-        entry.not_before,
-        entry.not_after,
-        entry.intermediate_fingerprint,
-        entry.request_id,
-        entry.csr_sha256,
-        entry.certificate_pem,
-        entry.issued_at,
-        entry.prev_hash,
-    )
-    return FORMAT_MAGIC + b"".join(_field(v) for v in values)
+    return FORMAT_MAGIC + b"".join(_field(getattr(entry, name)) for name in HASHED_COLUMNS)
 
 
-def row_hash(entry: LedgerEntry) -> str:
+def row_hash(entry: LedgerEntry | LedgerRow) -> str:
     """The ``row_hash`` that ``entry``'s contents commit to (lowercase hex SHA-256)."""
     return hashlib.sha256(canonical_bytes(entry)).hexdigest()

@@ -14,7 +14,11 @@ restarted server does not fail the first request after it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +110,46 @@ def _on_sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+class SqliteWriterLock:
+    """Serialises SQLite writers across threads and processes without polling.
+
+    SQLite's own busy handler retries a locked database by sleeping in growing steps, so
+    several worker processes appending to one ledger spend their time asleep. A blocking
+    ``flock`` on a lock file beside the database queues them in the kernel instead: the
+    next writer wakes as soon as the previous one commits. (A thread lock first, because
+    ``flock`` does not exclude threads sharing one open file.)
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._path = database.with_name(database.name + ".write-lock")
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+def writer_lock(url: URL) -> contextlib.AbstractContextManager[None]:
+    """The lock write transactions take first: a file lock for a SQLite file, else none
+    (PostgreSQL serialises ledger appends with ``SELECT ... FOR UPDATE``)."""
+    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+    return SqliteWriterLock(path) if path is not None else contextlib.nullcontext()
+
+
 def make_engine(url: URL, *, echo: bool = False) -> Engine:
     """Create the engine for ``url``; for a SQLite file, create its directory first."""
     try:
@@ -116,7 +160,8 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
             engine = create_engine(
                 url,
                 echo=echo,
-                pool_pre_ping=True,
+                # A local file: no connection can go stale, so no ping per checkout.
+                pool_pre_ping=False,
                 connect_args={
                     "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
                     "check_same_thread": False,

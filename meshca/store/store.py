@@ -11,20 +11,28 @@ password.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, text
+from sqlalchemy import Connection, Table, func, insert, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from meshca.errors import StoreError
 from meshca.store import migrate
 from meshca.store._types import to_utc
-from meshca.store.chain import NewIssuance
-from meshca.store.engine import SQLITE_BEGIN_OPTION, make_engine, parse_url, redact, wrap_error
+from meshca.store.chain import LedgerRow, NewIssuance
+from meshca.store.engine import (
+    SQLITE_BEGIN_OPTION,
+    make_engine,
+    parse_url,
+    redact,
+    wrap_error,
+    writer_lock,
+)
 from meshca.store.models import (
     ROOT_BACKENDS,
     ROOT_STATES,
@@ -56,6 +64,7 @@ class Store:
         self._engine = make_engine(self._url, echo=echo)
         self._is_postgres = self._engine.dialect.name == "postgresql"
         self._writer = self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        self._write_lock = writer_lock(self._url)
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -80,9 +89,19 @@ class Store:
     def _session(self, what: str, *, write: bool = False) -> Iterator[Session]:
         """A session in one transaction, committed on success; errors become StoreError."""
         try:
-            with Session(self._writer if write else self._engine, expire_on_commit=False) as s:
-                with s.begin():
-                    yield s
+            with self._write_lock if write else contextlib.nullcontext():
+                with Session(self._writer if write else self._engine, expire_on_commit=False) as s:
+                    with s.begin():
+                        yield s
+        except SQLAlchemyError as exc:
+            raise wrap_error(what, exc, self._url) from exc
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[Connection]:
+        """A Core write transaction, committed on success; errors become StoreError."""
+        try:
+            with self._write_lock, self._writer.begin() as conn:
+                yield conn
         except SQLAlchemyError as exc:
             raise wrap_error(what, exc, self._url) from exc
 
@@ -172,17 +191,21 @@ class Store:
 
     # -- the ledger ---------------------------------------------------------------------
 
-    def append_issuance(self, entry: NewIssuance) -> LedgerEntry:
+    def append_issuance(self, entry: NewIssuance) -> LedgerRow:
         """Append one row to the ledger; returns once it is committed (durable)."""
         return self.append_issuances([entry])[0]
 
-    def append_issuances(self, entries: Sequence[NewIssuance]) -> list[LedgerEntry]:
+    def append_issuances(self, entries: Sequence[NewIssuance]) -> list[LedgerRow]:
         """Append several rows in one transaction (group commit), in the order given."""
         if not entries:
             return []
-        with self._session("appending to the ledger", write=True) as session:
-            head = session.exec(
-                select(LedgerHead).where(LedgerHead.id == HEAD_ID).with_for_update()
+        ledger, head_table = _table(LedgerEntry), _table(LedgerHead)
+        # SQLAlchemy Core rather than ORM objects: this is the hot path of issuance.
+        with self._transaction("appending to the ledger") as conn:
+            head = conn.execute(
+                select(head_table.c.last_sequence, head_table.c.last_hash)
+                .where(head_table.c.id == HEAD_ID)
+                .with_for_update()
             ).first()
             if head is None:
                 raise StoreError(
@@ -190,16 +213,19 @@ class Store:
                     "cannot be extended (run the ledger verification)",
                     reason="ledger_corrupt",
                 )
-            rows: list[LedgerEntry] = []
-            sequence, prev_hash = head.last_sequence, head.last_hash
+            sequence, prev_hash = int(head[0]), str(head[1])
+            rows: list[LedgerRow] = []
             for new in entries:
                 sequence += 1
-                row = new.to_entry(sequence, prev_hash)
+                row = new.to_row(sequence, prev_hash)
                 prev_hash = row.row_hash
                 rows.append(row)
-            session.add_all(rows)
-            head.last_sequence, head.last_hash = sequence, prev_hash
-            session.add(head)
+            conn.execute(insert(ledger), [row.columns() for row in rows])
+            conn.execute(
+                update(head_table)
+                .where(head_table.c.id == HEAD_ID)
+                .values(last_sequence=sequence, last_hash=prev_hash)
+            )
         return rows
 
     def find_by_request_id(self, request_id: str, spiffe_id: str) -> LedgerEntry | None:
@@ -267,6 +293,12 @@ class Store:
                 intermediates=count(session, IntermediateRecord),
                 issued=count(session, LedgerEntry),
             )
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, Table)
+    return table
 
 
 def _check_times(**values: datetime) -> None:

@@ -48,7 +48,7 @@ async def test_per_peer_rate_limit_answers_with_a_retry_hint(start_ca: StartCA) 
     refused = [r for r in results if r is not None]
     assert 1 <= len(results) - len(refused) <= 5
     assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
-    assert "rate limit 5 per 1 second per peer" in (refused[0].details() or "")
+    assert "rate limit 5 per 1s per peer" in (refused[0].details() or "")
     delay = retry_delay(refused[0])
     assert delay is not None and 0 < delay <= 1.0
 

@@ -381,3 +381,31 @@ async def test_https_issuer_verified_with_ca_file(
             untrusted.authenticate(bearer(kube.mint_token("a", "b")), PEER), "jwks_unavailable"
         )
         assert "certificate" in error.message.lower()
+
+
+async def test_verified_tokens_are_cached_by_hash_until_expiry(
+    kube: FakeKubeApi, make_authenticator: MakeAuthenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart storm presenting one token costs one signature check, not one per call."""
+    decodes = 0
+    real_decode = jwt.decode
+
+    def counting_decode(*args: object, **kwargs: object) -> object:
+        nonlocal decodes
+        decodes += 1
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    with freeze_time(T0) as clock:
+        auth = make_authenticator(jwt_cluster(kube, cache_ttl=timedelta(seconds=60)))
+        token = kube.mint_token("prod", "web", ttl=timedelta(minutes=10))
+        for _ in range(50):
+            await auth.authenticate(bearer(token), PEER)
+        assert decodes == 1
+        clock.tick(timedelta(seconds=61))  # past the cache TTL: verified again
+        await auth.authenticate(bearer(token), PEER)
+        assert decodes == 2
+        clock.tick(timedelta(minutes=10))  # past exp: refused, not served from the cache
+        await _refused(auth.authenticate(bearer(token), PEER), "token_expired")
+    verifier = next(iter(auth._validators.values()))  # type: ignore[attr-defined]
+    assert all(token not in key for key in verifier.cache.keys())

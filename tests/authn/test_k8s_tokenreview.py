@@ -11,8 +11,8 @@ import jwt
 import pytest
 from freezegun import freeze_time
 
+from meshca.authn._cache import VerifiedTokenCache
 from meshca.authn._jwks import ServiceAccountIdentity
-from meshca.authn._tokenreview import ReviewCache
 from meshca.authn.base import AuthMethod
 from meshca.errors import AuthenticationError
 from tests.authn.conftest import (
@@ -144,7 +144,7 @@ async def test_refusals_are_never_cached(
 
 
 def test_cache_is_bounded_and_evicts_the_oldest() -> None:
-    cache = ReviewCache(max_entries=3)
+    cache = VerifiedTokenCache(max_entries=3)
     identity = ServiceAccountIdentity("ns", "sa")
     for n in range(4):
         cache.put(f"token-{n}", identity, until=100.0)
