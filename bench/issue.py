@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
-import os
 import shutil
 import signal
 import subprocess
