@@ -17,7 +17,7 @@ WEB = TD.workload("default", "web")
 
 
 @dataclass
-class TestCA:
+class LocalCA:
     """A root and an intermediate held in memory; issues leaves like meshca does."""
 
     trust_domain: TrustDomain = TD
