@@ -13,13 +13,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Debian packages the tests use as real peers: openssl (independent verifier) and, for
-# the PKCS#11 backend, SoftHSM2. Installed only when missing.
+# Debian packages the tests use as real peers: openssl (independent verifier), SoftHSM2
+# (the PKCS#11 backend), curl, and nginx (fed by the agent's file sink). Installed only
+# when missing.
 system-deps:
 	@missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 "$py" -m grpc_tools.protoc -I . \
   --python_out=. --grpc_python_out=. --pyi_out=. \
-  meshca/api/_proto/istioca.proto meshca/api/_proto/meshca.proto
+  meshca/api/_proto/istioca.proto meshca/api/_proto/meshca.proto \
+  meshca/api/_proto/workload.proto
