@@ -207,7 +207,7 @@ class Settings(BaseSettings):
 
     trust_domain: str = "cluster.local"
     state_dir: Path = Field(default_factory=default_state_dir)
-    database_url: str | None = None
+    database_url: str | None = Field(default=None, repr=False)
     """SQLAlchemy URL; default ``sqlite:///<state_dir>/meshca.db``."""
     grpc_listen: str = "0.0.0.0:15012"
     grpc_mtls_listen: str | None = "0.0.0.0:15013"
@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     token_audience: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_AUDIENCE]
     )
-    grpc_handshake_timeout: Duration = timedelta(seconds=10)
+    grpc_handshake_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
     """A connection that has not completed its TLS handshake by then is closed."""
     max_in_flight: int = Field(default=512, ge=1)
     """Certificate requests one process works on at once; more get RESOURCE_EXHAUSTED."""
@@ -300,6 +300,12 @@ class Settings(BaseSettings):
                 f"max_ttl {format_duration(self.max_ttl)} exceeds the life an intermediate has "
                 f"left when it rotates ({format_duration(remaining_at_rotation)}: intermediate_ttl "
                 "x (1 - intermediate_rotate_fraction)); certificates would be cut short"
+            )
+        if self.intermediate_name_constraints and self.grpc_mtls_listen and not self.plaintext:
+            raise ValueError(
+                "intermediate_name_constraints cannot be combined with SVID renewal "
+                "(grpc_mtls_listen): the renewal check cannot verify URI name constraints; "
+                "set grpc_mtls_listen to off or leave name constraints off"
             )
         if self.issuing_key == "hsm" and not isinstance(self.signer, Pkcs11SignerConfig):
             raise ValueError(

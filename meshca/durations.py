@@ -41,14 +41,19 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
-    """The shortest exact form, for messages: ``1h30m``, ``10y``, ``90s``."""
-    seconds = int(value.total_seconds())
-    if seconds == 0:
+    """The shortest exact form, parseable again: ``1h30m``, ``10y``, ``90s``, ``1s500ms``.
+
+    Exact to the millisecond (settings travel to worker processes in this form).
+    """
+    millis = round(value.total_seconds() * 1000)
+    if millis == 0:
         return "0s"
     parts = []
     for unit in ("y", "d", "h", "m", "s"):
-        size = int(_UNITS[unit])
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
+        size = int(_UNITS[unit]) * 1000
+        if millis >= size:
+            parts.append(f"{millis // size}{unit}")
+            millis %= size
+    if millis:
+        parts.append(f"{millis}ms")
     return "".join(parts)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -115,7 +117,7 @@ class RunningServer:
 
     async def maintain_once(self) -> None:
         """Rotate the intermediate, reload the bundle, renew the server certificate."""
-        await self.authority.issuing_ca()
+        await self.authority.rotate_if_due()
         await self.authority.refresh_trust_bundle()
         if self.server_cert is not None:
             await self.server_cert.refresh(self.settings.max_ttl)
@@ -128,6 +130,8 @@ class RunningServer:
                 await self.maintain_once()
             except MeshcaError as exc:
                 log.warning("maintenance failed, will retry: %s", exc)
+            except Exception:  # a boundary: the loop must outlive any one failure
+                log.exception("maintenance failed unexpectedly, will retry")
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in self._tasks:
@@ -233,9 +237,15 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         lambda: authority.root_certificate.not_valid_after_utc,
         lambda: ca.not_after if (ca := authority.current_issuing_ca) else None,
     )
+
+    async def issued_before(leaf: x509.Certificate) -> bool:
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        row = await asyncio.to_thread(store.issued_certificate, f"{leaf.serial_number:x}", pem)
+        return row is not None
+
     authenticator = CallerAuthenticator(
         build_token_authenticator(settings),
-        SvidAuthenticator(authority.trust_domain, authority.trust_bundle),
+        SvidAuthenticator(authority.trust_domain, authority.trust_bundle, issued_before),
     )
     grpc_server = aio.server(
         options=server_options(

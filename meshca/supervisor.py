@@ -19,7 +19,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -74,12 +76,13 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.log_level, background=True)
 
-    async def run() -> None:
+    async def run() -> int:
         try:
             running = await start_server(settings, reuse_port=True)
         except MeshcaError as exc:
-            conn.send({"error": exc.message, "config": isinstance(exc, ConfigError)})
-            return
+            config_error = isinstance(exc, ConfigError)
+            conn.send({"error": exc.message, "config": config_error})
+            return 2 if config_error else 1
         issuing = running.authority.current_issuing_ca
         conn.send(
             {
@@ -98,8 +101,9 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
             await stop.wait()
         finally:
             await running.stop()
+        return 0
 
-    asyncio.run(run())
+    sys.exit(asyncio.run(run()))
 
 
 class Supervisor:
@@ -110,7 +114,7 @@ class Supervisor:
         self._count = workers
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
-        self._stopping = False
+        self._stop = threading.Event()
         self._metrics_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def _spawn(self, index: int, settings_json: str) -> _Worker:
@@ -162,9 +166,10 @@ class Supervisor:
             os.environ.pop(MULTIPROC_ENV, None)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._stopping = True
+        self._stop.set()
 
     def _await_ready(self) -> int:
+        """Wait (bounded) for every first worker's ready message; non-zero if one failed."""
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         for worker in self._workers.values():
             remaining = max(0.0, deadline - time.monotonic())
@@ -199,16 +204,20 @@ class Supervisor:
         print(line, flush=True)
 
     def _watch(self, settings_json: str) -> int:
+        """Replace workers that die (backing off when they die young) until stopped."""
         from prometheus_client import multiprocess
 
         delay = 1.0
-        while not self._stopping:
-            sentinels = [w.process.sentinel for w in self._workers.values()]
-            multiprocessing.connection.wait(sentinels, timeout=0.5)
+        while not self._stop.is_set():
+            waitables: list[Connection | int] = [w.process.sentinel for w in self._workers.values()]
+            waitables += [w.conn for w in self._workers.values()]
+            multiprocessing.connection.wait(waitables, timeout=0.5)
             for index, worker in list(self._workers.items()):
-                if worker.process.is_alive() or self._stopping:
+                self._read_messages(worker)
+                if worker.process.is_alive() or self._stop.is_set():
                     continue
                 multiprocess.mark_process_dead(worker.process.pid)  # type: ignore[no-untyped-call]
+                worker.conn.close()
                 lived = time.monotonic() - worker.started
                 delay = 1.0 if lived > HEALTHY_AFTER_SECONDS else min(delay * 2, MAX_RESTART_DELAY)
                 log.error(
@@ -219,9 +228,28 @@ class Supervisor:
                     lived,
                     delay,
                 )
-                time.sleep(delay)
+                if self._stop.wait(delay):  # a signal during the back-off ends it
+                    break
                 self._workers[index] = self._spawn(index, settings_json)
         return 0
+
+    @staticmethod
+    def _read_messages(worker: _Worker) -> None:
+        """Log what a (re)started worker reports: ready, or why it could not start."""
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                if "error" in message:
+                    log.error("worker %d could not start: %s", worker.index, message["error"])
+                elif worker.ready is None:
+                    worker.ready = message
+                    log.info(
+                        "worker %d serving (intermediate %s)",
+                        worker.index,
+                        message.get("intermediate"),
+                    )
+        except (EOFError, OSError):
+            return
 
     def _stop_all(self) -> None:
         for worker in self._workers.values():

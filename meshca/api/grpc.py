@@ -9,6 +9,12 @@ This module is the only place where meshca errors become gRPC status codes:
     CSRError (identity mismatch)        -> PERMISSION_DENIED
     CSRError (anything else)            -> INVALID_ARGUMENT
     SignerError, StoreError             -> UNAVAILABLE (the caller may retry)
+    AuthenticationError (*_unavailable) -> UNAVAILABLE (the issuer or API server is down)
+    anything unexpected                 -> INTERNAL (logged with its traceback)
+
+Callers see a message naming their own mistake; for failures inside the CA (database,
+signer, an unreachable token issuer) they see only what happened and that they may retry,
+while the details (URLs, driver errors) go to the CA's log.
     OverloadError                       -> RESOURCE_EXHAUSTED, with a google.rpc.RetryInfo
     the caller's deadline passed        -> DEADLINE_EXCEEDED (the work is abandoned)
 """
@@ -49,6 +55,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 32 * 1024
 IDLE_CONNECTION = timedelta(minutes=5)
+MAX_REQUEST_SECONDS = 30.0
+"""No request is worked on longer than this, whatever deadline the caller sent (or none)."""
+MAX_VALIDITY_SECONDS = 10 * 365 * 86400
+"""Requested lifetimes are capped here before any arithmetic (then by the policy)."""
 
 
 def server_options(*, handshake_timeout: timedelta, reuse_port: bool) -> list[tuple[str, int]]:
@@ -73,6 +83,8 @@ _PERMISSION_REASONS = frozenset({"csr_identity_mismatch"})
 def status_for(error: MeshcaError) -> grpc.StatusCode:
     """The gRPC status code for a meshca error (see module docstring)."""
     if isinstance(error, AuthenticationError):
+        if error.reason.endswith("_unavailable"):  # our dependency is down, not the caller
+            return grpc.StatusCode.UNAVAILABLE
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, PolicyError):
         if error.reason == "request_id_reused":
@@ -94,6 +106,19 @@ def peer_address(context: aio.ServicerContext[object, object]) -> str:
         if raw.startswith(prefix):
             return raw[len(prefix) :]
     return raw
+
+
+def caller_message(error: MeshcaError) -> str:
+    """What the caller is told: their own mistakes in full, the CA's troubles in general."""
+    if isinstance(error, StoreError):
+        return "the CA's database is unavailable; retry later"
+    if isinstance(error, SignerError):
+        return "the CA cannot sign right now (its key backend is unavailable); retry later"
+    if isinstance(error, AuthenticationError) and error.reason.endswith("_unavailable"):
+        return (
+            "the CA cannot verify tokens right now (the token issuer is unreachable); retry later"
+        )
+    return error.message
 
 
 def peer_certificates(context: aio.ServicerContext[object, object]) -> tuple[x509.Certificate, ...]:
@@ -166,7 +191,12 @@ class CertificateFrontend:
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError
-                async with asyncio.timeout(remaining):
+                limit = (
+                    MAX_REQUEST_SECONDS
+                    if remaining is None
+                    else min(remaining, MAX_REQUEST_SECONDS)
+                )
+                async with asyncio.timeout(limit):
                     peer = Peer(address=peer.address, certificates=peer_certificates(context))
                     attestation = await self._authenticate(peer, context)
                     self.admission.check_identity(str(attestation.spiffe_id))
@@ -198,7 +228,25 @@ class CertificateFrontend:
             )
         except MeshcaError as exc:
             await self._refuse(
-                api, peer, started, context, exc.reason, status_for(exc), exc.message
+                api,
+                peer,
+                started,
+                context,
+                exc.reason,
+                status_for(exc),
+                caller_message(exc),
+                detail=exc.message,
+            )
+        except Exception:  # the request boundary: answer, count and log any bug
+            log.exception("%s request from %s failed unexpectedly", api, peer.address)
+            await self._refuse(
+                api,
+                peer,
+                started,
+                context,
+                "internal_error",
+                grpc.StatusCode.INTERNAL,
+                "the CA failed unexpectedly; the error is in its log",
             )
         self.metrics.issued.labels(api, str(attestation.method)).inc()
         self.metrics.latency.labels(api, "issued").observe(time.perf_counter() - started)
@@ -232,10 +280,14 @@ class CertificateFrontend:
         code: grpc.StatusCode,
         message: str,
         trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+        *,
+        detail: str | None = None,
     ) -> NoReturn:
         self.metrics.refused.labels(api, reason).inc()
         self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
-        log.info("refused %s request from %s: %s (%s)", api, peer.address, message, reason)
+        log.info(
+            "refused %s request from %s: %s (%s)", api, peer.address, detail or message, reason
+        )
         await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
         raise AssertionError("unreachable: abort raises")
 
@@ -260,9 +312,8 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
                 "impersonated identities are not supported: each workload must present "
                 "its own credential",
             )
-        ttl = (
-            timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else None
-        )
+        seconds = min(request.validity_duration, MAX_VALIDITY_SECONDS)
+        ttl = timedelta(seconds=seconds) if seconds > 0 else None
         chain = await self._frontend.create(
             self.API, IssueRequest(csr=request.csr, requested_ttl=ttl), context
         )
@@ -290,8 +341,9 @@ class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  #
                 f"request_id {request.request_id[:64]!r} must be a UUID other than the zero UUID",
             )
         ttl: timedelta | None = None
-        if request.HasField("validity"):
-            ttl = request.validity.ToTimedelta()
+        if request.HasField("validity") and request.validity.seconds >= 0:
+            seconds = min(request.validity.seconds, MAX_VALIDITY_SECONDS)
+            ttl = timedelta(seconds=seconds, microseconds=request.validity.nanos // 1000)
         chain = await self._frontend.create(
             self.API,
             IssueRequest(csr=request.csr, requested_ttl=ttl, request_id=request_id),

@@ -10,7 +10,7 @@ from the single URI SAN (SPIFFE X509-SVID spec, section 2).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -25,18 +25,28 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+IssuedBefore = Callable[[x509.Certificate], Awaitable[bool]]
+
+
 class SvidAuthenticator:
-    """Accepts an unexpired X509-SVID of this trust domain, chaining to the bundle."""
+    """Accepts an unexpired X509-SVID of this trust domain that this CA issued.
+
+    Chaining to the bundle is not enough: the certificate must also be one the ledger
+    records (``issued_before``), so a certificate minted with a leaked intermediate key,
+    or by a CA sharing the root, cannot be renewed into fresh ledgered certificates.
+    """
 
     def __init__(
         self,
         trust_domain: TrustDomain,
         bundle: Callable[[], Sequence[x509.Certificate]],
+        issued_before: IssuedBefore,
         *,
         clock: Callable[[], datetime] = _now,
     ) -> None:
         self._trust_domain = trust_domain
         self._bundle = bundle
+        self._issued_before = issued_before
         self._clock = clock
 
     async def authenticate(self, credential: Credential, peer: Peer) -> Attestation:
@@ -62,6 +72,12 @@ class SvidAuthenticator:
                 f"trust bundle: {exc}",
                 reason="svid_untrusted",
             ) from None
+        if not await self._issued_before(leaf):
+            raise AuthenticationError(
+                f"the client certificate for {spiffe_id} (serial {leaf.serial_number:x}) is "
+                "not one this CA issued: no ledger record",
+                reason="svid_unknown",
+            )
         return Attestation(
             spiffe_id=spiffe_id,
             method=AuthMethod.X509_SVID,

@@ -24,7 +24,7 @@ from meshca.authn.base import Attestation, Peer
 from meshca.ca.issuing_keys import IssuingKey, IssuingKeySource, MemoryKeys
 from meshca.ca.ledger import LedgerWriter
 from meshca.ca.policy import IssuancePolicy
-from meshca.errors import CSRError, PolicyError, StoreError
+from meshca.errors import MeshcaError, PolicyError, SignerError, StoreError
 from meshca.pki import csr as csr_checks
 from meshca.pki import profile
 from meshca.pki.keys import KeyAlgorithm, PublicKey
@@ -35,6 +35,12 @@ from meshca.store import IntermediateRecord, NewIssuance, RootRecord, Store
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+
+EXPIRY_MARGIN = timedelta(minutes=1)
+"""An intermediate this close to expiry is replaced before the next certificate."""
+ROTATION_RETRY_INITIAL = timedelta(seconds=5)
+ROTATION_RETRY_MAX = timedelta(minutes=5)
 
 
 def utcnow() -> datetime:
@@ -125,6 +131,11 @@ class Authority:
         self._clock = clock
         self._issuing: IssuingCA | None = None
         self._rotation_lock = asyncio.Lock()
+        self._rotation_task: asyncio.Task[None] | None = None
+        self._rotation_failures = 0
+        self._next_rotation_attempt = datetime.min.replace(tzinfo=UTC)
+        self._retirements: dict[asyncio.TimerHandle, IssuingKey] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._bundle: tuple[x509.Certificate, ...] = (self._root_cert,)
 
     @property
@@ -153,39 +164,119 @@ class Authority:
         self._bundle = tuple(certs)
 
     async def issuing_ca(self) -> IssuingCA:
-        """The current issuing intermediate, minted or rotated first when due."""
+        """The issuing intermediate to sign with now.
+
+        Past its rotation point, a replacement is minted in the background (one attempt
+        at a time, backing off after a failure) while the current intermediate keeps
+        signing: a root signer (HSM, KMS) that is down at rotation time costs nothing
+        until the current intermediate nears expiry. Requests wait only when there is no
+        usable intermediate: at start-up, or once the current one is about to expire.
+        """
         current = self._issuing
-        if current is not None and self._clock() < current.rotate_at:
+        now = self._clock()
+        if current is not None and now < current.not_after - EXPIRY_MARGIN:
+            if now >= current.rotate_at:
+                self._rotate_in_background(now)
             return current
         async with self._rotation_lock:
             current = self._issuing
-            if current is not None and self._clock() < current.rotate_at:
+            if current is not None and self._clock() < current.not_after - EXPIRY_MARGIN:
                 return current
-            fresh = await self._mint_intermediate()
-            self._issuing = fresh
-            if current is not None:
-                asyncio.get_running_loop().call_later(
-                    self._settings.retire_grace.total_seconds(),
-                    self._settings.keys.retire,
-                    current.key,
-                )
-                log.info(
-                    "rotated issuing intermediate %s -> %s (old one expires %s)",
-                    current.fingerprint[:16],
-                    fresh.fingerprint[:16],
-                    current.not_after.isoformat(),
-                )
-            return fresh
+            return await self._rotate()
+
+    async def rotate_if_due(self) -> None:
+        """Rotate now if the rotation point has passed (the maintenance loop calls this).
+
+        Raises what minting raises; the current intermediate stays in use meanwhile.
+        """
+        async with self._rotation_lock:
+            current = self._issuing
+            if current is None or self._clock() >= current.rotate_at:
+                await self._rotate()
+
+    def _rotate_in_background(self, now: datetime) -> None:
+        if self._rotation_task is not None and not self._rotation_task.done():
+            return
+        if now < self._next_rotation_attempt:
+            return
+        self._rotation_task = asyncio.create_task(self._background_rotation())
+
+    async def _background_rotation(self) -> None:
+        try:
+            await self.rotate_if_due()
+        except MeshcaError as exc:
+            self._rotation_failures += 1
+            delay = min(
+                ROTATION_RETRY_MAX, ROTATION_RETRY_INITIAL * 2 ** (self._rotation_failures - 1)
+            )
+            self._next_rotation_attempt = self._clock() + delay
+            current = self._issuing
+            log.warning(
+                "could not rotate the issuing intermediate (%s); the current one keeps "
+                "signing until %s; next attempt in %ds",
+                exc,
+                current.not_after.isoformat() if current else "-",
+                delay.total_seconds(),
+            )
+        else:
+            self._rotation_failures = 0
+
+    async def _rotate(self) -> IssuingCA:
+        fresh = await self._mint_intermediate()
+        old, self._issuing = self._issuing, fresh
+        if old is not None:
+            log.info(
+                "rotated issuing intermediate %s -> %s (old one expires %s)",
+                old.fingerprint[:16],
+                fresh.fingerprint[:16],
+                old.not_after.isoformat(),
+            )
+            # Requests that picked up the old intermediate may still be signing with it.
+            handle = asyncio.get_running_loop().call_later(
+                self._settings.retire_grace.total_seconds(), self._retire_soon, old.key
+            )
+            self._retirements[handle] = old.key
+        return fresh
+
+    def _retire_soon(self, key: IssuingKey) -> None:
+        self._retirements = {h: k for h, k in self._retirements.items() if k is not key}
+        task = asyncio.create_task(asyncio.to_thread(self._retire, key))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _retire(self, key: IssuingKey) -> None:
+        try:
+            self._settings.keys.retire(key)
+        except MeshcaError as exc:
+            log.warning("could not dispose of a retired issuing key: %s", exc)
 
     async def close(self) -> None:
-        """Dispose of the current issuing key (an HSM session object is destroyed)."""
+        """Stop background work and dispose of every issuing key still held."""
+        if self._rotation_task is not None:
+            self._rotation_task.cancel()
+        pending, self._retirements = self._retirements, {}
+        for handle in pending:
+            handle.cancel()
+        for task in list(self._background):
+            await task
         current, self._issuing = self._issuing, None
+        for key in pending.values():
+            await asyncio.to_thread(self._retire, key)
         if current is not None:
-            await asyncio.to_thread(self._settings.keys.retire, current.key)
+            await asyncio.to_thread(self._retire, current.key)
 
     async def _mint_intermediate(self) -> IssuingCA:
         settings = self._settings
         key = await asyncio.to_thread(settings.keys.new_key, settings.key_algorithm)
+        try:
+            return await self._certify(key)
+        except BaseException:
+            await asyncio.to_thread(self._retire, key)
+            raise
+
+    async def _certify(self, key: IssuingKey) -> IssuingCA:
+        """Have the root sign ``key``'s intermediate, record it, prepare it for signing."""
+        settings = self._settings
         now = self._clock()
         cert = await asyncio.to_thread(
             profile.build_intermediate,
@@ -340,7 +431,10 @@ class Authority:
         now = self._clock()
         not_after = min(now + lifetime, ca.not_after)
         if not_after <= now:
-            raise CSRError("the issuing intermediate has expired", reason="issuer_expired")
+            raise SignerError(
+                "the issuing intermediate has expired and no new one could be made",
+                reason="issuer_expired",
+            )
         build = functools.partial(
             profile.build_svid,
             ca.signer,

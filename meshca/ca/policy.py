@@ -14,6 +14,8 @@ from meshca.durations import format_duration
 from meshca.errors import PolicyError
 from meshca.spiffe import TrustDomain
 
+MIN_LIFETIME = timedelta(seconds=1)
+
 
 @dataclass(frozen=True, slots=True)
 class IssuancePolicy:
@@ -48,7 +50,8 @@ class IssuancePolicy:
         """
         if requested is None or requested <= timedelta(0):
             return self.default_ttl
-        return min(requested, self.max_ttl)
+        # X.509 times have whole seconds (RFC 5280 4.1.2.5): grant at least one.
+        return max(min(requested, self.max_ttl), MIN_LIFETIME)
 
     def describe(self) -> str:
         return (

@@ -40,6 +40,8 @@ from meshca.errors import StoreError
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+POSTGRES_STATEMENT_TIMEOUT_MS = 30_000
+POSTGRES_LOCK_TIMEOUT_MS = 15_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 
 
@@ -173,6 +175,12 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
         connect_args: dict[str, object] = {}
         if url.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_SECONDS
+            # Bound every statement and lock wait: a replica stalled inside a ledger
+            # transaction must not hold every other replica's appends forever.
+            connect_args["options"] = (
+                f"-c statement_timeout={POSTGRES_STATEMENT_TIMEOUT_MS} "
+                f"-c lock_timeout={POSTGRES_LOCK_TIMEOUT_MS}"
+            )
         return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise StoreError(

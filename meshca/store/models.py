@@ -125,6 +125,8 @@ class LedgerEntry(SQLModel, table=True):
         # A client-chosen request id is unique per identity, not globally, so one
         # caller cannot squat on another's ids.
         Index("uq_ledger_request_id", "request_id", "spiffe_id", unique=True),
+        # Renewal by SVID looks the presented certificate up by serial.
+        Index("ix_ledger_serial_hex", "serial_hex"),
     )
 
     sequence: int = Field(

@@ -239,6 +239,15 @@ class Store:
         with self._session("looking up a request id") as session:
             return session.exec(statement).first()
 
+    def issued_certificate(self, serial_hex: str, certificate_pem: str) -> LedgerEntry | None:
+        """The ledger row of exactly this certificate (same serial, same PEM), if any."""
+        statement = select(LedgerEntry).where(LedgerEntry.serial_hex == serial_hex)
+        with self._session("looking up an issued certificate") as session:
+            for row in session.exec(statement):
+                if row.certificate_pem == certificate_pem:
+                    return row
+        return None
+
     def get_intermediate(self, fingerprint: str) -> IntermediateRecord | None:
         statement = select(IntermediateRecord).where(IntermediateRecord.fingerprint == fingerprint)
         with self._session("reading an intermediate") as session:

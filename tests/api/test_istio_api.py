@@ -255,3 +255,28 @@ async def test_without_clusters_every_request_is_refused_saying_why(
     err = await _refusal(ca, make_csr(WEB_ID)[1], token="x.y.z")
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "no Kubernetes cluster configured" in (err.details() or "")
+
+
+async def test_absurd_validity_is_clamped_not_a_crash(ca: CA) -> None:
+    token = ca.kube.mint_token("default", "web")
+    chain = await create_certificate(
+        ca.channel, make_csr(WEB_ID)[1], token=token, validity_seconds=2**62
+    )
+    leaf = load_chain(chain)[0]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(hours=24, minutes=5)
+
+
+async def test_unreachable_issuer_is_unavailable_without_internal_details(
+    start_ca: StartCA, kube: object
+) -> None:
+    from tests.fakes.kube import FakeKubeApi
+
+    assert isinstance(kube, FakeKubeApi)
+    ca = await start_ca()
+    token = kube.mint_token("default", "web")
+    await kube.stop()  # before the CA ever fetched the issuer's keys
+    err = await _refusal(ca, make_csr(WEB_ID)[1], token=token)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.details() or ""
+    assert "retry later" in details
+    assert "127.0.0.1" not in details and "http" not in details

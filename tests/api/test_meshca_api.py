@@ -120,3 +120,22 @@ async def test_mesh_ca_refuses_without_a_token(ca: CA) -> None:
             ca.channel, make_csr(WEB_ID)[1], token=None, request_id=str(uuid.uuid4())
         )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_sub_second_validity_gets_at_least_a_second(ca: CA) -> None:
+    from google.protobuf import duration_pb2
+
+    from meshca.api._proto import meshca_pb2, meshca_pb2_grpc
+
+    stub = meshca_pb2_grpc.MeshCertificateServiceStub(ca.channel)
+    request = meshca_pb2.MeshCertificateRequest(
+        request_id=str(uuid.uuid4()),
+        csr=make_csr(WEB_ID)[1],
+        validity=duration_pb2.Duration(seconds=0, nanos=500_000_000),
+    )
+    token = ca.kube.mint_token("default", "web")
+    response = await stub.CreateCertificate(
+        request, metadata=[("authorization", f"Bearer {token}")], timeout=10
+    )
+    leaf = load_chain(list(response.cert_chain))[0]
+    assert leaf.not_valid_after_utc > leaf.not_valid_before_utc

@@ -152,3 +152,31 @@ async def test_svid_renewals_are_ledgered_with_their_method(ca: CA) -> None:
         row = session.exec(select(LedgerEntry).where(LedgerEntry.serial_hex == serial)).one()
     assert row.auth_method == "x509-svid"
     assert row.evidence.startswith("x509:serial:")
+
+
+async def test_certificate_not_in_the_ledger_cannot_renew(ca: CA) -> None:
+    """A leaf signed with the CA's own intermediate key but never ledgered (as a leaked
+    key could make) chains fine, passes the handshake, and is still refused."""
+    issuing = ca.server.authority.current_issuing_ca
+    assert issuing is not None
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    admin = TrustDomain("cluster.local").workload("kube-system", "admin")
+    forged = profile.build_svid(
+        issuing.signer,
+        issuing.certificate,
+        key.public_key(),
+        admin,
+        not_after=now + timedelta(hours=1),
+        now=now,
+    )
+    chain = [
+        forged.public_bytes(serialization.Encoding.PEM).decode(),
+        issuing.certificate_pem,
+        ca.root_pem.decode(),
+    ]
+    async with mtls_channel(ca, key, chain) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await create_certificate(channel, make_csr(str(admin))[1], token=None)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not one this CA issued" in (info.value.details() or "")

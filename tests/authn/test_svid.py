@@ -54,8 +54,12 @@ def _leaf(
     )
 
 
+async def _known(leaf: x509.Certificate) -> bool:
+    return True
+
+
 async def _check(leaf: x509.Certificate, bundle: list[x509.Certificate]) -> str:
-    authn = SvidAuthenticator(TD, lambda: bundle)
+    authn = SvidAuthenticator(TD, lambda: bundle, _known)
     with pytest.raises(AuthenticationError) as info:
         await authn.authenticate(Credential(), Peer("127.0.0.1:1", (leaf,)))
     return info.value.reason
@@ -64,7 +68,7 @@ async def _check(leaf: x509.Certificate, bundle: list[x509.Certificate]) -> str:
 async def test_valid_svid_attests_its_spiffe_id() -> None:
     root = _ca()
     leaf = _leaf(root, ["spiffe://cluster.local/ns/default/sa/web"])
-    attestation = await SvidAuthenticator(TD, lambda: [root[1]]).authenticate(
+    attestation = await SvidAuthenticator(TD, lambda: [root[1]], _known).authenticate(
         Credential(), Peer("127.0.0.1:1", (leaf,))
     )
     assert str(attestation.spiffe_id) == "spiffe://cluster.local/ns/default/sa/web"
@@ -85,7 +89,7 @@ async def test_refusals_name_their_reason() -> None:
     )
     assert await _check(_leaf(root, [web, web + "2"]), [root[1]]) == "svid_malformed"
     assert await _check(_leaf(root, ["https://example.org/x"]), [root[1]]) == "svid_malformed"
-    authn = SvidAuthenticator(TD, lambda: [root[1]])
+    authn = SvidAuthenticator(TD, lambda: [root[1]], _known)
     with pytest.raises(AuthenticationError) as info:
         await authn.authenticate(Credential(), Peer("127.0.0.1:1"))
     assert info.value.reason == "no_client_certificate"
@@ -94,10 +98,25 @@ async def test_refusals_name_their_reason() -> None:
 async def test_root_removed_from_bundle_stops_renewal() -> None:
     old, new = _ca(), _ca()
     bundle = [old[1], new[1]]
-    authn = SvidAuthenticator(TD, lambda: bundle)
+    authn = SvidAuthenticator(TD, lambda: bundle, _known)
     leaf = _leaf(old, ["spiffe://cluster.local/ns/default/sa/web"])
     await authn.authenticate(Credential(), Peer("127.0.0.1:1", (leaf,)))
     bundle.remove(old[1])
     with pytest.raises(AuthenticationError) as info:
         await authn.authenticate(Credential(), Peer("127.0.0.1:1", (leaf,)))
     assert info.value.reason == "svid_untrusted"
+
+
+async def test_a_certificate_the_ledger_does_not_know_is_refused() -> None:
+    """Chaining to the root is not enough (a leaked intermediate key could mint it)."""
+    root = _ca()
+    leaf = _leaf(root, ["spiffe://cluster.local/ns/kube-system/sa/admin"])
+
+    async def unknown(cert: x509.Certificate) -> bool:
+        return False
+
+    authn = SvidAuthenticator(TD, lambda: [root[1]], unknown)
+    with pytest.raises(AuthenticationError) as info:
+        await authn.authenticate(Credential(), Peer("127.0.0.1:1", (leaf,)))
+    assert info.value.reason == "svid_unknown"
+    assert "no ledger record" in info.value.message

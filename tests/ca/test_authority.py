@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from meshca.authn.base import Attestation, AuthMethod, Peer
 from meshca.ca.authority import Authority, IntermediateSettings, IssueRequest
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root
-from meshca.errors import ConfigError, PolicyError
+from meshca.errors import ConfigError, PolicyError, SignerError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.signers.file import FileSigner
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -77,6 +78,7 @@ async def test_intermediate_rotates_at_half_life_and_each_is_recorded(
         await _issue(authority)
         assert authority.current_issuing_ca == first
         clock.tick(timedelta(minutes=2))
+        await authority.rotate_if_due()  # what the maintenance loop does
         leaf = await _issue(authority)
         second = authority.current_issuing_ca
         assert second is not None and second.fingerprint != first.fingerprint
@@ -164,3 +166,60 @@ def test_hardware_backends_never_create_a_root_at_start(store: Store, tmp_path: 
     signer, _ = FileSigner.load_or_create(tmp_path / "root-key.pem", KeyAlgorithm.EC_P256)
     with pytest.raises(ConfigError, match="meshca admin root create"):
         load_active_root(store, signer, TD, now=datetime.now(UTC), create_ttl=None)
+
+
+class FlakyRoot:
+    """A root signer that can be switched off, like an HSM or KMS outage."""
+
+    def __init__(self, inner: FileSigner) -> None:
+        self.inner = inner
+        self.down = False
+        self.backend, self.key_id, self.algorithm = "file", inner.key_id, inner.algorithm
+        self.calls = 0
+
+    def public_key(self):  # type: ignore[no-untyped-def]
+        return self.inner.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        self.calls += 1
+        if self.down:
+            raise SignerError("the HSM is unreachable", reason="signer_unavailable")
+        return self.inner.sign(data)
+
+
+async def test_root_outage_at_rotation_does_not_stop_issuance(store: Store, tmp_path: Path) -> None:
+    """Past the rotation point with the root signer down, the current intermediate keeps
+    signing; the failed rotation is retried with backoff, and succeeds once it is back."""
+    signer, _ = FileSigner.load_or_create(tmp_path / "root-key.pem", KeyAlgorithm.EC_P256)
+    root, _ = load_active_root(store, signer, TD, now=START, create_ttl=timedelta(days=3650))
+    flaky = FlakyRoot(signer)
+    with freeze_time(START) as clock:
+        authority = Authority(
+            trust_domain=TD,
+            root_signer=flaky,
+            root=root,
+            store=store,  # type: ignore[arg-type]
+            policy=IssuancePolicy(TD, timedelta(hours=24), timedelta(hours=1)),
+            intermediate=IntermediateSettings(ttl=timedelta(hours=48), rotate_fraction=0.5),
+        )
+        await _issue(authority)
+        first = authority.current_issuing_ca
+        assert first is not None
+        flaky.down = True
+        clock.tick(timedelta(hours=25))
+        for _ in range(20):  # every request still gets a certificate from the current one
+            leaf = await _issue(authority)
+            assert leaf.issuer == first.certificate.subject
+        await asyncio.sleep(0)  # let the background attempt run and fail
+        with pytest.raises(SignerError):
+            await authority.rotate_if_due()
+        attempts = flaky.calls
+        for _ in range(20):  # backing off: no new attempt on every request
+            await _issue(authority)
+        assert flaky.calls == attempts
+        flaky.down = False
+        await authority.rotate_if_due()
+        second = authority.current_issuing_ca
+        assert second is not None and second.fingerprint != first.fingerprint
+        assert (await _issue(authority)).issuer == second.certificate.subject
+        await authority.close()

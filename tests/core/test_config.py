@@ -36,10 +36,18 @@ def test_bad_durations_say_what_is_accepted(text: str) -> None:
         parse_duration(text)
 
 
-@given(st.integers(min_value=0, max_value=10**9))
-def test_format_then_parse_is_identity(seconds: int) -> None:
-    value = timedelta(seconds=seconds)
+@given(st.integers(min_value=0, max_value=10**12))
+def test_format_then_parse_is_identity_to_the_millisecond(millis: int) -> None:
+    value = timedelta(milliseconds=millis)
     assert parse_duration(format_duration(value)) == value
+
+
+def test_settings_survive_the_trip_to_a_worker_process() -> None:
+    """Workers get the settings as JSON; nothing may be rounded on the way."""
+    settings = load_settings(grpc_handshake_timeout="500ms", max_ttl="90s", default_ttl="1s500ms")
+    again = type(settings).model_validate_json(settings.model_dump_json())
+    assert again == settings
+    assert again.grpc_handshake_timeout == timedelta(milliseconds=500)
 
 
 def test_defaults_are_secure_and_documented(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,6 +106,8 @@ def test_shorthand_flags_make_one_cluster(monkeypatch: pytest.MonkeyPatch) -> No
         ({"k8s_jwks_url": "https://a/jwks"}, "needs k8s_oidc_issuer"),
         ({"default_cluster": "nope"}, "default_cluster 'nope'"),
         ({"unknown_option": 1}, "unknown_option"),
+        ({"grpc_handshake_timeout": "0s"}, "grpc_handshake_timeout"),
+        ({"intermediate_name_constraints": True}, "cannot be combined with SVID renewal"),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_field(

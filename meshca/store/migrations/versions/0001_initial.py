@@ -95,6 +95,7 @@ def upgrade() -> None:
         _hex("row_hash"),
     )
     op.create_index("uq_ledger_request_id", "ledger", ["request_id", "spiffe_id"], unique=True)
+    op.create_index("ix_ledger_serial_hex", "ledger", ["serial_hex"])
     head = op.create_table(
         "ledger_head",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
@@ -106,6 +107,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("ledger_head")
+    op.drop_index("ix_ledger_serial_hex", table_name="ledger")
     op.drop_index("uq_ledger_request_id", table_name="ledger")
     op.drop_table("ledger")
     op.drop_table("intermediates")
