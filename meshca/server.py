@@ -176,10 +176,8 @@ def _open_signer(settings: Settings) -> Signer:
     return signer
 
 
-async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]:
+async def _open_authority(settings: Settings, store: Store, signer: Signer) -> Authority:
     trust_domain = settings.trust_domain_value
-    store = await asyncio.to_thread(Store.open, settings.effective_database_url)
-    signer = await asyncio.to_thread(_open_signer, settings)
     root = await asyncio.to_thread(_load_root, settings, store, signer)
     authority = Authority(
         trust_domain=trust_domain,
@@ -198,7 +196,7 @@ async def _open_authority(settings: Settings) -> tuple[Store, Signer, Authority]
     )
     await authority.refresh_trust_bundle()
     await authority.issuing_ca()
-    return store, signer, authority
+    return authority
 
 
 def prepare_state(settings: Settings) -> None:
@@ -227,10 +225,25 @@ def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int])
 async def start_server(settings: Settings, *, reuse_port: bool = False) -> RunningServer:
     """Start every part of the CA; raise ConfigError/MeshcaError naming what failed.
 
-    ``reuse_port`` is for worker processes that share their listening ports.
+    ``reuse_port`` is for worker processes that share their listening ports. If any part
+    fails to start, the parts already started are stopped again.
     """
+    async with contextlib.AsyncExitStack() as undo:
+        running = await _start(settings, reuse_port, undo)
+        undo.pop_all()
+        return running
+
+
+async def _start(
+    settings: Settings, reuse_port: bool, undo: contextlib.AsyncExitStack
+) -> RunningServer:
     http_host, http_port = split_host_port(settings.http_listen, "http_listen")
-    store, signer, authority = await _open_authority(settings)
+    store = await asyncio.to_thread(Store.open, settings.effective_database_url)
+    undo.push_async_callback(asyncio.to_thread, store.close)
+    signer = await asyncio.to_thread(_open_signer, settings)
+    undo.push_async_callback(asyncio.to_thread, close_signer, signer)
+    authority = await _open_authority(settings, store, signer)
+    undo.push_async_callback(authority.close)
 
     metrics = CAMetrics()
     metrics.track_expiry(
@@ -247,6 +260,7 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         build_token_authenticator(settings),
         SvidAuthenticator(authority.trust_domain, authority.trust_bundle, issued_before),
     )
+    undo.push_async_callback(authenticator.close)
     grpc_server = aio.server(
         options=server_options(
             handshake_timeout=settings.grpc_handshake_timeout, reuse_port=reuse_port
@@ -290,6 +304,7 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
                 lambda a: grpc_server.add_secure_port(a, mtls),
             )
     await grpc_server.start()
+    undo.push_async_callback(grpc_server.stop, 0)
     for service in (*SERVICE_NAMES, ""):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -313,10 +328,10 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
     }
     runner = web.AppRunner(build_app(authority, metrics, checks), access_log=None)
     await runner.setup()
+    undo.push_async_callback(runner.cleanup)
     try:
         await web.TCPSite(runner, http_host, http_port, reuse_port=reuse_port).start()
     except OSError as exc:
-        await grpc_server.stop(0)
         raise ConfigError(f"cannot listen for HTTP on {settings.http_listen}: {exc}") from exc
 
     running = RunningServer(

@@ -8,17 +8,13 @@ from pathlib import Path
 import click
 
 from meshca.cli.admin_root import root
-from meshca.cli.common import fail, load, reports_errors, settings_options, table
+from meshca.cli.common import fail, load, reports_errors, settings_options, table, utc_text
 from meshca.store import Store
 
 
 def _open(config_file: Path | None, state_dir: Path | None, database_url: str | None) -> Store:
     settings = load(config_file, state_dir=state_dir, database_url=database_url)
     return Store.open(settings.effective_database_url)
-
-
-def _when(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @click.group()
@@ -58,7 +54,7 @@ def status(
                         r.backend,
                         r.key_ref,
                         r.algorithm,
-                        _when(r.not_after),
+                        utc_text(r.not_after),
                     ]
                     for r in roots
                 ],
@@ -73,8 +69,8 @@ def status(
                     [
                         i.fingerprint[:16],
                         i.owner,
-                        _when(i.not_before),
-                        _when(i.not_after),
+                        utc_text(i.not_before),
+                        utc_text(i.not_after),
                         "valid" if i.not_after > now else "expired",
                     ]
                     for i in inters

@@ -15,17 +15,21 @@ from typing import Any
 import click
 
 from meshca.ca.roots import create_root
-from meshca.cli.common import env_option, fail, load, reports_errors, settings_options, table
+from meshca.cli.common import (
+    env_option,
+    fail,
+    load,
+    reports_errors,
+    settings_options,
+    table,
+    utc_text,
+)
 from meshca.config import FileSignerConfig, GcpKmsSignerConfig, Pkcs11SignerConfig, Settings
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.signers.base import Signer, close_signer
 from meshca.store import Store
-
-
-def _when(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @click.group()
@@ -212,7 +216,7 @@ def create(
     finally:
         store.close()
     click.echo(
-        f"root {record.fingerprint} created, valid until {_when(record.not_after)} "
+        f"root {record.fingerprint} created, valid until {utc_text(record.not_after)} "
         f"({format_duration(lifetime)})"
     )
     click.echo(f"  subject: {record.subject}")
@@ -246,7 +250,7 @@ def list_roots(config_file: Path | None, state_dir: Path | None, database_url: s
         table(
             ["fingerprint", "state", "backend", "key", "algorithm", "not after"],
             [
-                [r.fingerprint, r.state, r.backend, r.key_ref, r.algorithm, _when(r.not_after)]
+                [r.fingerprint, r.state, r.backend, r.key_ref, r.algorithm, utc_text(r.not_after)]
                 for r in roots
             ],
         )

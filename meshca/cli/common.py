@@ -9,6 +9,7 @@ import logging.handlers
 import queue
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -97,6 +98,11 @@ def setup_logging(level: str, *, background: bool = False) -> None:
     listener.start()
     atexit.register(listener.stop)
     root.addHandler(logging.handlers.QueueHandler(records))
+
+
+def utc_text(value: datetime) -> str:
+    """A timestamp for tables: ``2026-11-26 12:00:00Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
