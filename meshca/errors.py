@@ -10,7 +10,11 @@ Every error meshca raises on purpose derives from :class:`MeshcaError`::
     ├── SignerError             a key backend (file, PKCS#11, KMS) failed or is unreachable
     ├── StoreError              the database failed, or the ledger does not verify
     ├── OverloadError           a limit (in-flight, rate) was reached; retry after a hint
-    └── ConfigError             configuration is invalid; raised at start-up only
+    ├── ConfigError             configuration is invalid; raised at start-up only
+    │   (the node agent adds, in meshca.agent:)
+    ├── CAError                 the CA refused or could not be reached (agent/client.py)
+    ├── CredentialError         the agent's own credential is unusable (credential_sources.py)
+    └── TrustError              a trust bundle or CA answer does not verify (agent/trust.py)
 
 Only ``meshca.api`` maps these to wire status codes. ``message`` is safe to show to the
 caller: it never contains a token, a key or a PIN.

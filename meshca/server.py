@@ -53,6 +53,8 @@ SERVICE_NAMES = (
     "google.security.meshca.v1.MeshCertificateService",
 )
 CA_SPIFFE_PATH = "/meshca"
+SERVER_CERT_LIFETIME = timedelta(hours=24)
+"""The CA's own TLS certificate: renewed at half life, never past its intermediate."""
 
 
 class NoAuthenticator:
@@ -120,7 +122,7 @@ class RunningServer:
         await self.authority.rotate_if_due()
         await self.authority.refresh_trust_bundle()
         if self.server_cert is not None:
-            await self.server_cert.refresh(self.settings.max_ttl)
+            await self.server_cert.refresh(SERVER_CERT_LIFETIME)
         self.metrics.update_expiry()
 
     async def _maintain(self) -> None:
@@ -287,7 +289,7 @@ async def _start(
         server_cert = ServerCertificate(
             authority, SpiffeId(authority.trust_domain, CA_SPIFFE_PATH), settings.server_dns_names
         )
-        await server_cert.refresh(settings.max_ttl)
+        await server_cert.refresh(SERVER_CERT_LIFETIME)
         tls = server_cert.credentials(require_client_certificate=False)
         grpc_port = _bind(
             grpc_server,

@@ -6,6 +6,7 @@ import click
 
 from meshca import __version__
 from meshca.cli.admin import admin
+from meshca.cli.agent import agent
 from meshca.cli.server import server
 
 
@@ -17,3 +18,4 @@ def main() -> None:
 
 main.add_command(server)
 main.add_command(admin)
+main.add_command(agent)

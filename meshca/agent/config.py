@@ -1,0 +1,423 @@
+"""Typed settings for ``meshca agent``.
+
+Sources combine as for the CA (:mod:`meshca.config`), later winning: built-in defaults,
+the config file (YAML or TOML, ``--config``), ``MESHCA_AGENT_*`` environment variables,
+then command-line flags. Durations are written as everywhere in meshca (``90s``, ``1h``).
+
+What the agent trusts (exactly one):
+
+- ``ca_trust_bundle``: a PEM file of CA roots (a ConfigMap in Kubernetes); re-read
+  every ``bundle_refresh_interval`` so that a root rotation reaches the agent;
+- ``ca_bundle_url`` with ``ca_bundle_sha256``: the CA's HTTP bundle endpoint
+  (``GET /v1/bundle``); the document is accepted only when one of its roots has a
+  pinned SHA-256 fingerprint, and then whole (several roots during a rotation);
+- ``ca_plaintext``: no TLS to the CA at all and nothing to verify responses against but
+  the chain the CA sends. Local development only.
+
+How the agent proves who it is (``credential``):
+
+- ``k8s``: the projected service-account token in ``token_file``, re-read on every
+  request (the kubelet rotates it). With ``mtls_address`` set, the first certificate is
+  requested with the token and each renewal with the SVID the agent holds, on the CA's
+  mTLS port (no token leaves the pod while a valid SVID exists); a renewal refused there
+  falls back to the token at once.
+- ``svid``: only the SVID, on ``mtls_address``; the agent starts from ``svid_cert_file``
+  and ``svid_key_file`` (a provisioned bootstrap SVID, or the file sink's output of an
+  earlier run), and requests a fresh key and certificate with them at once.
+- ``gce``: a GCE instance identity token (not available in this build).
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+from meshca.config import Duration
+from meshca.durations import format_duration
+from meshca.errors import ConfigError, SpiffeIdError
+from meshca.pki.keys import KeyAlgorithm
+from meshca.spiffe import TrustDomain
+
+DEFAULT_TOKEN_FILE = Path("/var/run/secrets/tokens/istio-token")
+"""Where Istio's sidecar injector mounts the projected token (audience ``istio-ca``)."""
+
+ENV_PREFIX = "MESHCA_AGENT_"
+
+_OFF = ("", "off", "none")
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError naming ``what``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} {address!r} must be HOST:PORT, e.g. meshca.example:15012")
+    return host.strip("[]"), int(port)
+
+
+class AgentSettings(BaseSettings):
+    """Everything ``meshca agent`` reads. See the module docstring for the trust rules."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    ca_address: str
+    """The CA's token port (TLS), HOST:PORT."""
+    ca_trust_bundle: Path | None = None
+    ca_bundle_url: str | None = None
+    ca_bundle_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """SHA-256 fingerprints (hex, colons allowed) of roots; one must be in the bundle."""
+    ca_plaintext: bool = False
+    ca_server_name: str | None = None
+    """The name the CA's TLS certificate must carry (default: the host of ca_address)."""
+    mtls_address: str | None = None
+    """The CA's SVID-renewal port (mTLS, e.g. 15013), HOST:PORT; None = renew by token."""
+    cluster_id: str | None = None
+    """Sent as the ``clusterid`` header: picks the CA's token validator for this cluster."""
+    trust_domain: str = "cluster.local"
+    credential: Literal["k8s", "gce", "svid"] = "k8s"
+    token_file: Path = DEFAULT_TOKEN_FILE
+    svid_cert_file: Path | None = None
+    svid_key_file: Path | None = None
+    ttl: Duration = timedelta(hours=1)
+    """Requested certificate lifetime; the CA may grant less."""
+    renew_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Renew once this fraction of the certificate's life has passed..."""
+    renew_jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """...give or take half of this fraction of the life, at random (spreads a fleet)."""
+    key_type: KeyAlgorithm = KeyAlgorithm.EC_P256
+    request_timeout: Duration = timedelta(seconds=10)
+    """Deadline of each call to the CA and of each bundle fetch."""
+    backoff_initial: Duration = timedelta(seconds=1)
+    backoff_max: Duration = timedelta(seconds=60)
+    """Cap of the retry delay; errors that retrying cannot fix wait this long."""
+    bundle_refresh_interval: Duration = timedelta(minutes=5)
+    workload_api_socket: Path | None = None
+    sds_socket: Path | None = None
+    output_dir: Path | None = None
+    reload_command: str | None = None
+    """Run (no shell; split like a shell would) after the file sink writes, e.g.
+    ``nginx -s reload``."""
+    reload_signal: str | None = None
+    """Instead of a command: send this signal (``HUP``) to the pid in reload_pid_file."""
+    reload_pid_file: Path | None = None
+    socket_mode: int = 0o600
+    socket_owner: str | None = None
+    socket_group: str | None = None
+    http_listen: str | None = None
+    """Health (``/healthz``, ``/readyz``) and Prometheus ``/metrics``; None = off."""
+    log_level: str = "INFO"
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        try:
+            return TrustDomain.parse(value).name
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("ca_address")
+    @classmethod
+    def _ca_address(cls, value: str) -> str:
+        split_host_port(value, "ca_address")
+        return value
+
+    @field_validator("mtls_address", "http_listen", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in _OFF:
+            return None
+        return value
+
+    @field_validator("mtls_address")
+    @classmethod
+    def _mtls_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value, "mtls_address")
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"http_listen {value!r} must be HOST:PORT, e.g. 0.0.0.0:15021")
+        return value
+
+    @field_validator("ca_bundle_url")
+    @classmethod
+    def _bundle_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"ca_bundle_url {value!r} must be an http(s) URL")
+        return value
+
+    @field_validator("ca_bundle_sha256", mode="before")
+    @classmethod
+    def _split_pins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in (part.strip() for part in value.split(",")) if p]
+        return value
+
+    @field_validator("ca_bundle_sha256")
+    @classmethod
+    def _pins(cls, value: list[str]) -> list[str]:
+        pins = []
+        for pin in value:
+            hexed = pin.lower().removeprefix("sha256:").replace(":", "")
+            if len(hexed) != 64 or any(c not in "0123456789abcdef" for c in hexed):
+                raise ValueError(
+                    f"ca_bundle_sha256 {pin!r} is not a SHA-256 fingerprint: write 64 hex "
+                    "digits (colons allowed), e.g. the output of "
+                    "'openssl x509 -noout -fingerprint -sha256'"
+                )
+            pins.append(hexed)
+        return pins
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: object) -> object:
+        """Strings are octal (``0600``, ``0o600``, ``600``); numbers are taken as they are."""
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            try:
+                return int(text, 8)
+            except ValueError:
+                raise ValueError(
+                    f"socket_mode {value!r} must be an octal mode such as 0600"
+                ) from None
+        return value
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError(f"socket_mode {value:#o} is not a permission mode (0 to 0777)")
+        return value
+
+    @field_validator("reload_signal")
+    @classmethod
+    def _signal(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip().upper()
+        if text.isdigit():
+            try:
+                return signal.Signals(int(text)).name
+            except ValueError:
+                pass
+        else:
+            name = text if text.startswith("SIG") else f"SIG{text}"
+            if name in signal.Signals.__members__:
+                return name
+        raise ValueError(f"reload_signal {value!r} is not a signal; write e.g. HUP or SIGUSR1")
+
+    @field_validator("reload_command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                argv = shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"reload_command cannot be split into words: {exc}") from None
+            if not argv:
+                raise ValueError("reload_command is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentSettings:
+        self._check_trust()
+        self._check_credential()
+        self._check_delivery()
+        self._check_timing()
+        return self
+
+    def _check_trust(self) -> None:
+        anchors = [
+            name
+            for name, given in (
+                ("ca_trust_bundle", self.ca_trust_bundle is not None),
+                ("ca_bundle_url", self.ca_bundle_url is not None),
+                ("ca_plaintext", self.ca_plaintext),
+            )
+            if given
+        ]
+        if len(anchors) != 1:
+            raise ValueError(
+                "set exactly one of ca_trust_bundle (a PEM file), ca_bundle_url with "
+                "ca_bundle_sha256, or ca_plaintext (local development only); "
+                f"got {', '.join(anchors) or 'none'}"
+            )
+        if self.ca_bundle_url is not None and not self.ca_bundle_sha256:
+            raise ValueError(
+                "ca_bundle_url needs ca_bundle_sha256: the bundle is trusted only when it "
+                "holds a root with a pinned fingerprint"
+            )
+        if self.ca_bundle_sha256 and self.ca_bundle_url is None:
+            raise ValueError("ca_bundle_sha256 pins a root of ca_bundle_url; set the URL too")
+        if self.ca_plaintext:
+            for name, value in (
+                ("ca_server_name", self.ca_server_name),
+                ("mtls_address", self.mtls_address),
+            ):
+                if value is not None:
+                    raise ValueError(f"{name} needs TLS; it cannot be used with ca_plaintext")
+
+    def _check_credential(self) -> None:
+        svid_files = self.svid_cert_file is not None, self.svid_key_file is not None
+        if self.credential == "svid":
+            if self.mtls_address is None:
+                raise ValueError("credential 'svid' renews on the CA's mTLS port: set mtls_address")
+            if not all(svid_files):
+                raise ValueError(
+                    "credential 'svid' starts from an SVID the agent already holds: set "
+                    "svid_cert_file (chain PEM) and svid_key_file"
+                )
+        elif any(svid_files):
+            raise ValueError("svid_cert_file and svid_key_file are for credential 'svid' only")
+
+    def _check_delivery(self) -> None:
+        if (
+            self.sds_socket is not None
+            and self.workload_api_socket is not None
+            and self.sds_socket == self.workload_api_socket
+        ):
+            raise ValueError("sds_socket and workload_api_socket must be different paths")
+        if self.reload_command is not None and self.reload_signal is not None:
+            raise ValueError("set reload_command or reload_signal, not both")
+        if (self.reload_signal is None) != (self.reload_pid_file is None):
+            raise ValueError("reload_signal and reload_pid_file go together")
+        reloads = self.reload_command is not None or self.reload_signal is not None
+        if reloads and self.output_dir is None:
+            raise ValueError("reload_command/reload_signal act after file writes: set output_dir")
+        sockets = self.sds_socket is not None or self.workload_api_socket is not None
+        if (self.socket_owner or self.socket_group) and not sockets:
+            raise ValueError(
+                "socket_owner/socket_group apply to sds_socket and workload_api_socket; "
+                "neither is set"
+            )
+
+    def _check_timing(self) -> None:
+        if self.ttl <= timedelta(0):
+            raise ValueError("ttl must be positive")
+        low = self.renew_ratio - self.renew_jitter / 2
+        high = self.renew_ratio + self.renew_jitter / 2
+        if low <= 0 or high >= 1:
+            raise ValueError(
+                f"renew_ratio {self.renew_ratio:g} +/- renew_jitter/2 ({self.renew_jitter / 2:g}) "
+                "must stay strictly between 0 and 1 of the certificate's life"
+            )
+        for name in (
+            "request_timeout",
+            "backoff_initial",
+            "backoff_max",
+            "bundle_refresh_interval",
+        ):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError(
+                f"backoff_initial {format_duration(self.backoff_initial)} exceeds "
+                f"backoff_max {format_duration(self.backoff_max)}"
+            )
+
+    # -- derived values, filled in one place ---------------------------------------------
+
+    @property
+    def trust_domain_value(self) -> TrustDomain:
+        return TrustDomain(self.trust_domain)
+
+    @property
+    def server_name(self) -> str | None:
+        """The TLS name checked on the CA's certificate; None in plaintext mode."""
+        if self.ca_plaintext:
+            return None
+        return self.ca_server_name or split_host_port(self.ca_address, "ca_address")[0]
+
+    @property
+    def reload_argv(self) -> list[str] | None:
+        return shlex.split(self.reload_command) if self.reload_command is not None else None
+
+    @property
+    def reload_signal_number(self) -> int | None:
+        return int(signal.Signals[self.reload_signal]) if self.reload_signal else None
+
+    @property
+    def delivery_paths(self) -> list[str]:
+        """The delivery paths turned on, as shown in the status line."""
+        paths = []
+        if self.sds_socket is not None:
+            paths.append(f"SDS {self.sds_socket}")
+        if self.workload_api_socket is not None:
+            paths.append(f"Workload API {self.workload_api_socket}")
+        if self.output_dir is not None:
+            paths.append(f"files {self.output_dir}")
+        return paths
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get("path")
+        if path is not None:
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Build AgentSettings from the file, the environment and ``overrides`` (flags;
+    None = unset). Raises ConfigError with every problem listed, each naming its field."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist or is not a file")
+        if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
+            raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return AgentSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"invalid agent configuration: {problems}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read agent configuration: {exc}") from exc
+    finally:
+        _CONFIG_FILE.pop("path", None)
+
+
+def _describe(err: Any) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        env = ENV_PREFIX + where.upper()
+        flag = "--" + where.replace("_", "-")
+        return f"{where}: required (set {flag} or {env})"
+    return f"{where}: {message}"

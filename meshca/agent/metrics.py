@@ -1,0 +1,161 @@
+"""The agent's Prometheus metrics and its small HTTP server (aiohttp).
+
+GET /healthz    the process is up
+GET /readyz     200 while the agent holds an unexpired certificate, else 503 saying why
+GET /metrics    Prometheus text format
+
+Metrics (each agent has a registry of its own, so many agents can run in one process):
+
+    meshca_agent_certificate_expiry_seconds         seconds until the current SVID expires
+    meshca_agent_renewals_total{via}                certificates obtained (token / svid)
+    meshca_agent_renewal_failures_total{reason}     failed attempts, by reason
+    meshca_agent_last_renewal_timestamp_seconds     Unix time of the last success
+    meshca_agent_consecutive_failures               failures since the last success
+    meshca_agent_renewal_seconds                    time of a successful request
+    meshca_agent_trust_bundle_roots                 roots in the trust bundle
+    meshca_agent_bundle_refresh_failures_total{reason}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import UTC, datetime
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from meshca.agent.credentials import CredentialStore
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class AgentMetrics:
+    """Counters and gauges of one agent; the expiry gauge reads the store at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.renewals = Counter(
+            "meshca_agent_renewals",
+            "Certificates obtained from the CA, by how the agent authenticated.",
+            ["via"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "meshca_agent_renewal_failures",
+            "Failed attempts to obtain a certificate, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "meshca_agent_last_renewal_timestamp_seconds",
+            "Unix time of the last certificate obtained (0: none yet).",
+            registry=self.registry,
+        )
+        self.consecutive_failures = Gauge(
+            "meshca_agent_consecutive_failures",
+            "Failed attempts since the last certificate obtained.",
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "meshca_agent_renewal_seconds",
+            "Time of a successful certificate request, key generation included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.bundle_roots = Gauge(
+            "meshca_agent_trust_bundle_roots",
+            "Roots in the trust bundle handed to the data plane.",
+            registry=self.registry,
+        )
+        self.bundle_failures = Counter(
+            "meshca_agent_bundle_refresh_failures",
+            "Failed trust bundle refreshes, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._expiry = Gauge(
+            "meshca_agent_certificate_expiry_seconds",
+            "Seconds until the certificate the agent serves expires (negative: expired; "
+            "NaN: none yet).",
+            registry=self.registry,
+        )
+
+    def track(self, store: CredentialStore) -> None:
+        """Read the expiry gauge from ``store`` at every scrape."""
+
+        def seconds_left() -> float:
+            creds = store.current()
+            if creds is None:
+                return math.nan
+            return (creds.not_after - datetime.now(UTC)).total_seconds()
+
+        self._expiry.set_function(seconds_left)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+STORE_KEY = web.AppKey("store", CredentialStore)
+METRICS_KEY = web.AppKey("metrics", AgentMetrics)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    creds = request.app[STORE_KEY].current()
+    if creds is None:
+        return web.Response(status=503, text="not ready\nno certificate yet\n")
+    if creds.not_after <= datetime.now(UTC):
+        return web.Response(
+            status=503,
+            text=f"not ready\nthe certificate expired at {creds.not_after.isoformat()}\n",
+        )
+    return web.Response(
+        text=f"ready\n{creds.spiffe_id} valid until {creds.not_after.isoformat()}\n"
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    resp = web.Response(body=request.app[METRICS_KEY].exposition())
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+def build_http_app(store: CredentialStore, metrics: AgentMetrics) -> web.Application:
+    app = web.Application(client_max_size=4096)
+    app[STORE_KEY] = store
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def start_http(
+    host: str, port: int, store: CredentialStore, metrics: AgentMetrics
+) -> tuple[web.AppRunner, int]:
+    """Serve health and metrics on ``host:port`` (0: any free port); returns the bound port.
+
+    Raises OSError when the address cannot be bound.
+    """
+    runner = web.AppRunner(build_http_app(store, metrics), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
