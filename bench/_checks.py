@@ -12,15 +12,25 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509 import verification
 
 
-def ledger_rows(db: Path) -> int | None:
+def _count(db: Path, table: str) -> int | None:
     if not db.exists():
         return None
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            (count,) = conn.execute("SELECT count(*) FROM ledger").fetchone()
+            (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
             return int(count)
     except sqlite3.Error:
         return None
+
+
+def ledger_rows(db: Path) -> int | None:
+    """Certificates meshca recorded (the server's own TLS certificates included)."""
+    return _count(db, "ledger")
+
+
+def intermediate_rows(db: Path) -> int | None:
+    """Issuing intermediates the root has signed (one per worker start or rotation)."""
+    return _count(db, "intermediates")
 
 
 def uri_sans(sample: dict[str, Any]) -> list[str]:

@@ -211,6 +211,23 @@ def connections_by_process(root: int, port: int) -> list[int]:
     return sorted(counts, reverse=True)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all CPUs, not idle or iowait), in seconds.
+
+    Read at both ends of a window, it shows how much CPU processes other than the
+    benchmark's took on a shared machine.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0.0
+    if fields[0] != "cpu":
+        return 0.0
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    ticks = [int(v) for v in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])

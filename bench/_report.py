@@ -71,10 +71,18 @@ class ServerRun:
     rss_peak_mib: float
     server_cpu_cores: float
     client_cpu_cores: list[float]
+    other_cpu_cores: float
+    """CPU the rest of the machine used during the window (a shared machine's noise)."""
     connections_seen: int
     connections_per_process: list[int]
     sample_check: str
     processes: int
+    root_key: str = "-"
+    """Where the CA's root key is (meshca: the ``--signer`` backend and issuing keys)."""
+    kms_calls_window: dict[str, int] | None = None
+    """KMS emulator RPCs by method during the window (None: no KMS in this run)."""
+    kms_calls_total: dict[str, int] | None = None
+    """KMS emulator RPCs from root creation to server stop."""
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -156,6 +164,7 @@ def _cell(run: ServerRun | None, what: str) -> str:
         "processes": f"{run.processes}",
         "server cpu": f"{run.server_cpu_cores:.2f}",
         "client cpu": " + ".join(f"{c:.2f}" for c in run.client_cpu_cores) or "-",
+        "other cpu": f"{run.other_cpu_cores:.2f}",
         "connections": f"{run.connections_seen}"
         + (
             f" ({'+'.join(map(str, run.connections_per_process))} per process)"
@@ -163,12 +172,25 @@ def _cell(run: ServerRun | None, what: str) -> str:
             else ""
         ),
         "check": run.sample_check,
+        "root": run.root_key,
+        "kms window": kms_calls(run.kms_calls_window),
     }
     return cells[what]
 
 
+def kms_calls(calls: dict[str, int] | None) -> str:
+    """``AsymmetricSign`` first (what costs money and latency per call), then the rest."""
+    if calls is None:
+        return "-"
+    others = sorted((m, n) for m, n in calls.items() if m != "AsymmetricSign" and n)
+    return ", ".join(
+        [f"AsymmetricSign {calls.get('AsymmetricSign', 0)}"] + [f"{m} {n}" for m, n in others]
+    )
+
+
 ROWS = (
     ("endpoint", "endpoint"),
+    ("root key", "root"),
     ("requests completed in window", "requests"),
     ("certificates issued", "certs"),
     ("certs/s", "certs/s"),
@@ -182,8 +204,10 @@ ROWS = (
     ("server processes (incl. helpers)", "processes"),
     ("server CPU (cores busy)", "server cpu"),
     ("load-generator CPU (cores)", "client cpu"),
+    ("other processes' CPU (cores)", "other cpu"),
     ("TCP connections seen", "connections"),
     ("sampled certificates", "check"),
+    ("KMS calls in window", "kms window"),
 )
 
 
@@ -198,7 +222,8 @@ def render(report: dict[str, Any], runs: Sequence[ServerRun | None]) -> str:
         f"before, {m.get('loadavg_after')} after",
         f"software  : {m['python']}, grpcio {m['grpcio']}, aiohttp {m['aiohttp']}, "
         f"cryptography {m['cryptography']}, PyJWT {m['pyjwt']}",
-        f"meshca    : commit {m['meshca_commit']}; {s['meshca_workers']}",
+        f"meshca    : commit {m['meshca_commit']}; {s['meshca_workers']}; signer "
+        f"{s['signer']}, issuing_key {s['issuing_key']}",
         f"cfssl     : {m['cfssl'] or '-'}",
         f"load      : closed loop, {s['concurrency']} in flight over {s['connections']} "
         f"connections, {s['load_procs']} load-generator process(es), warmup "
@@ -206,11 +231,13 @@ def render(report: dict[str, Any], runs: Sequence[ServerRun | None]) -> str:
         f"timeout {s['timeout_s']:g}s",
         "",
     ]
-    width = max(len(label) for label, _ in ROWS)
+    has_kms = any(r is not None and r.kms_calls_total is not None for r in runs)
+    rows = [(label, key) for label, key in ROWS if has_kms or not key.startswith("kms")]
+    width = max(len(label) for label, _ in rows)
     names = [r.name if r is not None else "-" for r in runs]
-    col = 2 + max(20, *(len(n) for n in names), *(len(_cell(r, k)) for r in runs for _, k in ROWS))
+    col = 2 + max(20, *(len(n) for n in names), *(len(_cell(r, k)) for r in runs for _, k in rows))
     lines.append(f"{'':<{width}}  " + "".join(f"{n:<{col}}" for n in names))
-    for label, key in ROWS:
+    for label, key in rows:
         lines.append(f"{label:<{width}}  " + "".join(f"{_cell(r, key):<{col}}" for r in runs))
     if report.get("ratio") is not None:
         lines += ["", f"meshca/cfssl certs/s: {report['ratio']:.3f}"]

@@ -1,16 +1,21 @@
 """Issuance throughput: meshca vs cfssl, on one machine, over loopback.
 
     .venv/bin/python bench/issue.py [--duration 20s] [--concurrency 32] [--connections 4]
-        [--warmup 3s] [--workers N] [--skip-cfssl] [--json] [--py-spy FILE] ...
+        [--warmup 3s] [--workers N] [--signer file|pkcs11|gcpkms] [--issuing-key memory|hsm]
+        [--skip-cfssl] [--json] [--py-spy FILE] ...
 
 1. In a temp dir: an RS256 service-account issuer (key + JWKS file), a meshca config
    with one cluster in local-JWKS mode, and (before any timing) a pool of identities,
    each with a projected service-account token and a P-256 CSR naming its SPIFFE ID.
-2. ``meshca server`` as a subprocess (SQLite ledger and file root: the embedded
-   defaults; gRPC over TLS), its ports read from the ready line, its trust bundle from
-   ``/v1/bundle``. Load comes from separate processes (bench/_loadgen.py): closed loop,
-   ``--concurrency`` requests in flight over ``--connections`` gRPC channels, calling
-   ``IstioCertificateService/CreateCertificate`` for ``--warmup`` + ``--duration``.
+2. ``meshca server`` as a subprocess (SQLite ledger; gRPC over TLS), its ports read from
+   the ready line, its trust bundle from ``/v1/bundle``. The root key is where
+   ``--signer`` says (bench/_backends.py): a file (the embedded default), a SoftHSM2
+   token of the run's own, or a Cloud KMS emulator in this process; for the last two
+   ``meshca admin root create`` makes it first. ``--issuing-key hsm`` (pkcs11 only) keeps
+   the issuing intermediates' keys in the token too. Load comes from separate processes
+   (bench/_loadgen.py): closed loop, ``--concurrency`` requests in flight over
+   ``--connections`` gRPC channels, calling ``IstioCertificateService/CreateCertificate``
+   for ``--warmup`` + ``--duration``.
 3. ``cfssl serve`` with an ECDSA P-256 root, driven the same way with
    ``POST /api/v1/cfssl/sign {"certificate_request": <the same CSRs>}``, unauthenticated.
 4. For each: certificates per second, latency percentiles, errors by code, RSS at the
@@ -36,13 +41,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from _checks import ledger_rows, uri_sans, verify_cfssl, verify_meshca
+from _backends import RootBackend, open_backend
+from _checks import intermediate_rows, ledger_rows, uri_sans, verify_cfssl, verify_meshca
 from _fixtures import (
     CLUSTER_ID,
     Identity,
@@ -58,6 +65,7 @@ from _procs import (
     connections_by_process,
     free_port,
     loadavg,
+    machine_busy_seconds,
     process_tree,
     read_line,
     tail,
@@ -119,6 +127,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--identities", type=positive, default=64, help="identity pool (64)")
     parser.add_argument("--timeout", type=duration, default=10.0, help="per request (10s)")
+    parser.add_argument(
+        "--signer",
+        choices=["file", "pkcs11", "gcpkms"],
+        default="file",
+        help="meshca's root-key backend: file (default), pkcs11 (a SoftHSM2 token made for "
+        "the run), gcpkms (the Cloud KMS emulator of tests/fakes/kms.py)",
+    )
+    parser.add_argument(
+        "--issuing-key",
+        choices=["memory", "hsm"],
+        default="memory",
+        help="where issuing-intermediate keys live: memory (default) or hsm (the SoftHSM2 "
+        "token; --signer pkcs11 only; every certificate signed there)",
+    )
     parser.add_argument("--skip-cfssl", action="store_true", help="measure meshca only")
     parser.add_argument("--skip-meshca", action="store_true", help="measure cfssl only")
     parser.add_argument("--cfssl", default=shutil.which("cfssl"), help="cfssl binary")
@@ -165,6 +187,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--connections cannot exceed --concurrency")
     if args.skip_cfssl and args.skip_meshca:
         parser.error("nothing to measure")
+    if args.issuing_key == "hsm" and args.signer != "pkcs11":
+        parser.error("--issuing-key hsm needs --signer pkcs11 (the token that holds the root)")
+    if args.skip_meshca and (args.signer != "file" or args.issuing_key != "memory"):
+        parser.error("--signer and --issuing-key configure meshca; drop --skip-meshca")
     if not args.skip_cfssl and not args.cfssl:
         parser.error("cfssl not found; install golang-cfssl, pass --cfssl, or --skip-cfssl")
     return args
@@ -192,11 +218,20 @@ class LoadResult:
     connections: int
     window: tuple[float, float]
     server_cpu_seconds: float
+    machine_busy_seconds: float
     rss_start: int
     rss_peak: int
     processes: int
     connections_seen: int
     connections_per_process: list[int]
+    kms_calls: dict[str, int] | None = None
+    """KMS emulator RPCs during the window, by method (None: no KMS)."""
+
+
+def _delta(end: dict[str, int] | None, start: dict[str, int] | None) -> dict[str, int] | None:
+    if end is None or start is None:
+        return None
+    return {k: n - start.get(k, 0) for k, n in end.items() if n - start.get(k, 0)}
 
 
 class Bench:
@@ -209,6 +244,7 @@ class Bench:
         self.pool: list[Identity] = []
         self.notes: list[str] = []
         self.profile_summary: str | None = None
+        self.backend: RootBackend | None = None
 
     # -- load ----------------------------------------------------------------------
 
@@ -220,9 +256,14 @@ class Bench:
         spec: dict[str, Any],
         profile: Path | None = None,
         connections: int | None = None,
+        counters: Callable[[], dict[str, int] | None] | None = None,
     ) -> LoadResult:
-        """Run the load generators against ``server`` and gather their figures."""
+        """Run the load generators against ``server`` and gather their figures.
+
+        ``counters`` reads call counters (the KMS emulator's) at the window's two ends.
+        """
         args = self.args
+        counters = counters or (lambda: None)
         procs, results, latencies = [], [], []
         concurrency = split(args.concurrency, args.load_procs)
         per_proc = split(connections or args.connections, args.load_procs)
@@ -284,12 +325,16 @@ class Bench:
         try:
             time.sleep(max(0.0, window[0] - time.time()))
             cpu_start = sampler.cpu()
+            busy_start = machine_busy_seconds()
+            calls_start = counters()
             if profile is not None:
                 spy = self._start_py_spy(server.pid, profile)
             time.sleep(max(0.0, (window[0] + window[1]) / 2 - time.time()))
             spread = connections_by_process(server.pid, port)
             time.sleep(max(0.0, window[1] - time.time()))
             cpu_end = sampler.cpu()
+            busy_end = machine_busy_seconds()
+            calls_end = counters()
             processes = len(process_tree(server.pid))
             bound = time.monotonic() + args.timeout + 60
             for n, proc in enumerate(procs):
@@ -330,11 +375,13 @@ class Bench:
             connections=conns,
             window=window,
             server_cpu_seconds=cpu_end - cpu_start,
+            machine_busy_seconds=busy_end - busy_start,
             rss_start=first.rss,
             rss_peak=sampler.peak_rss(),
             processes=processes,
             connections_seen=sampler.peak_connections(*window),
             connections_per_process=spread,
+            kms_calls=_delta(calls_end, calls_start),
         )
 
     def _start_py_spy(self, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -384,6 +431,11 @@ class Bench:
             rss_start_mib=load.rss_start / MIB,
             rss_peak_mib=load.rss_peak / MIB,
             server_cpu_cores=load.server_cpu_seconds / self.args.duration,
+            other_cpu_cores=max(
+                0.0,
+                (load.machine_busy_seconds - load.server_cpu_seconds) / self.args.duration
+                - sum(load.client_cpu),
+            ),
             client_cpu_cores=load.client_cpu,
             connections_seen=load.connections_seen,
             connections_per_process=load.connections_per_process,
@@ -406,7 +458,17 @@ class Bench:
     def meshca(self) -> ServerRun:
         args = self.args
         state = self.tmp / "meshca-state"
-        config = meshca_config(self.tmp, self.issuer, self._admission_settings())
+        backend = self.backend
+        assert backend is not None
+        admission = self._admission_settings()
+        config = meshca_config(self.tmp, self.issuer, {**admission, **backend.settings()})
+        created = backend.create_root(
+            MESHCA, config, state, self.tmp / "root-create.log", PROJECT_ROOT
+        )
+        if created is not None:
+            say(f"root: {shlex.join(created[1:])} -> {backend.kind}: {backend.root_ref}")
+            # gcpkms: the signer section names the key version root create just made.
+            config = meshca_config(self.tmp, self.issuer, {**admission, **backend.settings()})
         argv = [
             *MESHCA,
             "server",
@@ -437,7 +499,9 @@ class Bench:
         self.workers_note = workers_note
         out, err = self.tmp / "meshca.out", self.tmp / "meshca.err"
         with out.open("wb") as o, err.open("wb") as e:
-            server = self.children.start(argv, stdout=o, stderr=e, cwd=PROJECT_ROOT)
+            server = self.children.start(
+                argv, stdout=o, stderr=e, cwd=PROJECT_ROOT, env=backend.environ()
+            )
         say(f"meshca: {shlex.join(argv[1:])}")
         line = wait_for_text(out, server, "meshca ready", START_TIMEOUT)
         match = READY.search(line or "")
@@ -458,13 +522,19 @@ class Bench:
             "cluster_id": CLUSTER_ID,
         }
         try:
-            load = self.drive("meshca", server, grpc_port, spec, profile=args.py_spy)
+            load = self.drive(
+                "meshca", server, grpc_port, spec, profile=args.py_spy, counters=backend.kms_calls
+            )
         finally:
             code = self.children.stop(server, grace=15)
         if code not in (0, -signal.SIGTERM):
             self.notes.append(f"meshca exited with status {code} on SIGTERM")
         check = verify_meshca(load.samples, bundle)
         run = self.summarise("meshca", f"gRPC TLS 127.0.0.1:{grpc_port}", load, check)
+        run.root_key = f"{backend.kind}, issuing key {backend.issuing_key}"
+        run.kms_calls_window = load.kms_calls
+        run.kms_calls_total = backend.kms_calls()
+        run.notes += backend.notes(load.kms_calls, err.read_text(errors="replace"))
         profile = args.py_spy
         if profile is not None and profile.exists() and profile.suffix not in (".svg", ".json"):
             self.profile_summary = summarise_raw(
@@ -475,6 +545,12 @@ class Bench:
             run.notes.append(
                 f"ledger holds {rows} rows after the run "
                 f"({load.ok} issued in the window, the rest in warmup/tail/server cert)"
+            )
+        intermediates = intermediate_rows(state / "meshca.db")
+        if intermediates is not None:
+            run.notes.append(
+                f"the root signed {intermediates} issuing intermediate(s) in all "
+                f"({run.processes} server processes)"
             )
         return run
 
@@ -569,6 +645,7 @@ class Bench:
         check = verify_cfssl(load.samples, root)
         endpoint = f"{'HTTPS' if args.cfssl_tls else 'HTTP'} 127.0.0.1:{port}"
         run = self.summarise("cfssl", endpoint, load, check)
+        run.root_key = "file (ca-key.pem; the root signs every certificate)"
         run.notes.append(
             "no caller authentication, no ledger (no -db-config)"
             + ("" if args.cfssl_tls else ", no TLS")
@@ -594,7 +671,11 @@ class Bench:
         runs: list[ServerRun | None] = []
         meshca_run = cfssl_run = None
         if not args.skip_meshca:
-            meshca_run = self.meshca()
+            self.backend = open_backend(args.signer, args.issuing_key, self.tmp, PROJECT_ROOT)
+            try:
+                meshca_run = self.meshca()
+            finally:
+                self.backend.close()
             runs.append(meshca_run)
             say(f"meshca: {meshca_run.certs_per_s:.1f} certs/s")
         if not args.skip_cfssl:
@@ -625,6 +706,8 @@ class Bench:
                 "timeout_s": args.timeout,
                 "meshca_workers": self.workers_note,
                 "meshca_log_level": args.meshca_log_level,
+                "signer": args.signer,
+                "issuing_key": args.issuing_key,
                 "cfssl_tls": args.cfssl_tls,
             },
             "servers": {r.name: r.as_json() for r in runs if r is not None},
