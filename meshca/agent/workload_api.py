@@ -42,15 +42,7 @@ Key material is never logged: only the SPIFFE ID, serial number and expiry are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import grp
 import logging
-import os
-import pwd
-import shutil
-import socket
-import stat
-import tempfile
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -58,9 +50,9 @@ from typing import NoReturn, TypeVar
 import grpc
 from grpc import aio
 
+from meshca.agent._unix_socket import PrivateUnixSocket
 from meshca.agent.credentials import CredentialStore, X509Credentials
 from meshca.api._proto import workload_pb2, workload_pb2_grpc
-from meshca.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +68,6 @@ JWT_UNSUPPORTED = (
 )
 STOP_GRACE_SECONDS = 2.0
 MAX_REQUEST_BYTES = 4 * 1024
-# sun_path holds 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 _T = TypeVar("_T")
 
@@ -217,25 +207,16 @@ class WorkloadApiServer:
         owner: int | str | None = None,
         group: int | str | None = None,
     ) -> None:
-        if not 0 <= socket_mode <= 0o777:
-            raise ConfigError(
-                f"workload API socket mode {socket_mode:#o} is not a permission mode "
-                "(allowed: 0 to 0o777)"
-            )
-        self.socket_path = Path(os.path.abspath(socket_path))
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH_BYTES:
-            raise ConfigError(
-                f"workload API socket path {self.socket_path} is longer than "
-                f"{MAX_SOCKET_PATH_BYTES} bytes, the limit for a Unix socket"
-            )
-        self.socket_mode = socket_mode
-        self._uid = _user_id(owner)
-        self._gid = _group_id(group)
+        self._socket = PrivateUnixSocket(
+            socket_path, mode=socket_mode, owner=owner, group=group, label="workload API socket"
+        )
         self._server: aio.Server | None = None
         self._servicer: _WorkloadApiServicer | None = None
         self._stopping = asyncio.Event()
-        self._staging: Path | None = None
-        self._inode: tuple[int, int] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self._socket.path
 
     @property
     def open_streams(self) -> int:
@@ -246,45 +227,20 @@ class WorkloadApiServer:
         """Bind the socket, replacing a stale one, and serve ``store``'s credentials."""
         if self._server is not None:
             raise RuntimeError("the workload API server is already started")
-        directory = self.socket_path.parent
-        if not directory.is_dir():
-            raise ConfigError(
-                f"workload API socket directory {directory} does not exist; "
-                "create it (the operator chooses who may reach it)"
-            )
-        _check_path_is_free(self.socket_path)
-        self._staging = Path(tempfile.mkdtemp(prefix=".wl", dir=directory))
-        staged = self._staging / "s"
-        if len(os.fsencode(staged)) > MAX_SOCKET_PATH_BYTES:
-            self._remove_staging()
-            raise ConfigError(
-                f"workload API socket directory {directory} is too deep: the socket is "
-                f"first bound at {staged}, longer than {MAX_SOCKET_PATH_BYTES} bytes"
-            )
+        self._socket.check()
         self._stopping.clear()
         self._servicer = _WorkloadApiServicer(store, self._stopping)
         server = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
         self._server = server
         try:
-            server.add_insecure_port(f"unix:{staged}")
-            await server.start()
-            self._restrict(staged)
-            os.rename(staged, self.socket_path)
-            st = os.stat(self.socket_path)
-            self._inode = (st.st_dev, st.st_ino)
+            with self._socket.staging() as staged:
+                server.add_insecure_port(f"unix:{staged}")
+                await server.start()
+                self._socket.place(staged)
         except BaseException:
             await self.stop()
             raise
-        finally:
-            self._remove_staging()
-        if self.socket_mode & 0o007:
-            log.warning(
-                "workload API socket %s has mode %#o: every local user can fetch this "
-                "agent's SVID and private key",
-                self.socket_path,
-                self.socket_mode,
-            )
         log.info("serving the SPIFFE Workload API on unix://%s", self.socket_path)
 
     async def stop(self) -> None:
@@ -294,82 +250,5 @@ class WorkloadApiServer:
             return
         self._stopping.set()
         await server.stop(STOP_GRACE_SECONDS)
-        if self._inode is not None:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(self.socket_path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    os.unlink(self.socket_path)
-            self._inode = None
-        self._remove_staging()
+        self._socket.remove()
         log.info("stopped the SPIFFE Workload API on unix://%s", self.socket_path)
-
-    def _restrict(self, path: Path) -> None:
-        """Give the freshly bound (still private) socket its configured mode and owner."""
-        try:
-            os.chmod(path, self.socket_mode)
-            if self._uid != -1 or self._gid != -1:
-                os.chown(path, self._uid, self._gid)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot set mode {self.socket_mode:#o} / owner {self._uid}:{self._gid} on "
-                f"the workload API socket: {exc.strerror}"
-            ) from None
-
-    def _remove_staging(self) -> None:
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
-
-
-def _check_path_is_free(path: Path) -> None:
-    """Refuse a live socket or a file that is not a socket; a stale socket may go.
-
-    A stale socket is not unlinked here: the rename in :meth:`WorkloadApiServer.start`
-    replaces it atomically. A non-blocking ``connect`` on a Unix socket answers at once:
-    refused (nobody listens), accepted, or EAGAIN (listening with a full backlog).
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(
-            f"{path} exists and is not a socket; refusing to replace it with the "
-            "workload API socket"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(os.fspath(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("workload API socket %s is stale (nobody listens); replacing it", path)
-        return
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot check whether {path} is in use: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"{path} is in use by a running process (another agent?)")
-
-
-def _user_id(owner: int | str | None) -> int:
-    if owner is None:
-        return -1
-    if isinstance(owner, int):
-        return owner
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        raise ConfigError(f"workload API socket owner {owner!r} is not a known user") from None
-
-
-def _group_id(group: int | str | None) -> int:
-    if group is None:
-        return -1
-    if isinstance(group, int):
-        return group
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"workload API socket group {group!r} is not a known group") from None

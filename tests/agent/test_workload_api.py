@@ -357,7 +357,7 @@ async def test_a_stale_socket_is_replaced(
 async def test_a_live_socket_or_another_file_is_not_replaced(
     server: WorkloadApiServer, stub: Any, sock_dir: Path, store: CredentialStore, ca: LocalCA
 ) -> None:
-    with pytest.raises(ConfigError, match="in use by a running process"):
+    with pytest.raises(ConfigError, match="is in use: another process"):
         await WorkloadApiServer(server.socket_path).start(store)
     await ca.publish(store)
     call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=WITH_HEADER)
