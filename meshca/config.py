@@ -10,6 +10,7 @@ once, so the rest of meshca reads a checked, defaulted config.
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,6 +51,9 @@ Duration = Annotated[
 
 DEFAULT_AUDIENCE = "istio-ca"
 DEFAULT_CLUSTER_ID = "Kubernetes"
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v3/certs"
+"""Google's OAuth2 signing keys as a JWK Set (the v1 endpoint serves the same keys as
+PEM certificates, which PyJWT's key classes do not read)."""
 
 
 class _Strict(BaseModel):
@@ -103,6 +108,61 @@ class JwtCluster(_Strict):
 
 
 ClusterConfig = Annotated[TokenReviewCluster | JwtCluster, Field(discriminator="mode")]
+
+
+class GceRule(_Strict):
+    """Maps GCE VMs to a SPIFFE ID; see :mod:`meshca.authn._gce_rules` (first match wins)."""
+
+    project: str
+    """Project id, exactly; must be in ``gce_projects``."""
+    zone: str = "*"
+    """Glob, e.g. ``europe-west1-*``."""
+    instance_name: str = "*"
+    """Glob, e.g. ``web-*``."""
+    service_account: str | None = None
+    """The VM's service-account email; None matches any (or none)."""
+    spiffe_id: str
+    """A path (``/ns/vms/sa/web``) or a template (``spiffe://{trust_domain}/vm/{instance_name}``)."""
+
+    @field_validator("zone", "instance_name")
+    @classmethod
+    def _glob(cls, value: str, info: ValidationInfo) -> str:
+        from meshca.authn._gce_rules import check_glob
+
+        return check_glob(str(info.field_name), value)
+
+    @field_validator("service_account")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        from meshca.authn._gce_rules import check_email
+
+        return check_email(value) if value is not None else None
+
+    @field_validator("spiffe_id")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from meshca.authn._gce_rules import IdentityTemplate
+
+        IdentityTemplate.parse(value)
+        return value
+
+
+class GceConfig(_Strict):
+    """GCE instance identity validation, defaults filled in (``Settings.gce``)."""
+
+    projects: list[str]
+    audience: str
+    rules: list[GceRule]
+    certs_url: str = GOOGLE_CERTS_URL
+    leeway: Duration = timedelta(seconds=30)
+    """Clock skew allowed on ``exp`` and ``iat``."""
+    keys_refresh_interval: Duration = timedelta(seconds=30)
+    """Minimum time between two key fetches triggered by an unknown ``kid``."""
+    timeout: Duration = timedelta(seconds=5)
+
+
+_GCE_PROJECT = re.compile(r"(?:[a-z0-9][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
+"""A project id (6-30 characters), optionally domain-scoped (``example.com:proj``)."""
 
 
 class FileSignerConfig(_Strict):
@@ -243,6 +303,14 @@ class Settings(BaseSettings):
     token_audience: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_AUDIENCE]
     )
+    gce_projects: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """GCE projects whose VMs may authenticate with instance identity tokens; empty = off."""
+    gce_audience: str | None = None
+    """The ``aud`` GCE tokens must carry; default ``spiffe://<trust_domain>``."""
+    gce_certs_url: str = GOOGLE_CERTS_URL
+    """Google's signing keys (JWK Set), cached per the answer's Cache-Control/Expires."""
+    gce_rules: list[GceRule] = Field(default_factory=list)
+    """Identity mapping rules for GCE VMs, first match wins."""
     grpc_handshake_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
     """A connection that has not completed its TLS handshake by then is closed."""
     max_in_flight: int = Field(default=512, ge=1)
@@ -285,6 +353,34 @@ class Settings(BaseSettings):
     def _split_audiences(cls, value: object) -> object:
         if isinstance(value, str):
             return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
+    @field_validator("gce_projects", mode="before")
+    @classmethod
+    def _split_projects(cls, value: object) -> object:
+        """``a,b`` or ``a b`` (an environment variable, or one repeated flag) is two."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return [p for v in value for p in re.split(r"[\s,]+", v) if p]
+        return value
+
+    @field_validator("gce_projects")
+    @classmethod
+    def _projects(cls, value: list[str]) -> list[str]:
+        for project in value:
+            if not _GCE_PROJECT.fullmatch(project):
+                raise ValueError(
+                    f"gce project {project!r} is not a GCE project id (6-30 lowercase "
+                    "letters, digits and '-', starting with a letter)"
+                )
+        return list(dict.fromkeys(value))
+
+    @field_validator("gce_certs_url")
+    @classmethod
+    def _certs_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"gce_certs_url {value!r} must be an http(s) URL")
         return value
 
     @model_validator(mode="after")
@@ -337,7 +433,40 @@ class Settings(BaseSettings):
             raise ValueError(f"cluster ids must be unique, got {ids}")
         if self.default_cluster is not None and self.default_cluster not in ids:
             raise ValueError(f"default_cluster {self.default_cluster!r} is not among {ids}")
+        self._check_gce()
         return self
+
+    def _check_gce(self) -> None:
+        if not self.gce_projects:
+            if self.gce_rules:
+                raise ValueError(
+                    "gce_rules are set but gce_projects is empty: list the projects whose "
+                    "VMs may authenticate (--gce-project), or GCE authentication stays off"
+                )
+            return
+        if not self.gce_rules:
+            raise ValueError(
+                "gce_projects is set but there are no gce_rules: every VM would be refused; "
+                "add rules mapping VMs to SPIFFE IDs in the config file"
+            )
+        from meshca.authn._gce_rules import compile_rules
+
+        try:
+            compile_rules(self.gce_rules, self.trust_domain_value, self.gce_projects)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+
+    @property
+    def gce(self) -> GceConfig | None:
+        """GCE instance identity validation as configured; None when it is off."""
+        if not self.gce_projects:
+            return None
+        return GceConfig(
+            projects=self.gce_projects,
+            audience=self.gce_audience or str(self.trust_domain_value.id),
+            rules=self.gce_rules,
+            certs_url=self.gce_certs_url,
+        )
 
     @property
     def effective_clusters(self) -> list[TokenReviewCluster | JwtCluster]:

@@ -29,6 +29,7 @@ from meshca.api.grpc import CertificateFrontend, add_services, server_options
 from meshca.api.http import build_app
 from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
+from meshca.authn.gce import GceAuthenticator, TokenLedger
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, utcnow
@@ -152,11 +153,24 @@ class RunningServer:
 def build_token_authenticator(settings: Settings) -> Authenticator:
     clusters = settings.effective_clusters
     if not clusters:
-        log.warning("no Kubernetes cluster configured: every token will be refused")
+        log.warning("no Kubernetes cluster configured: every Kubernetes token will be refused")
         return NoAuthenticator()
     return KubernetesAuthenticator(
         settings.trust_domain_value, clusters, default_cluster=settings.default_cluster
     )
+
+
+def build_gce_authenticator(settings: Settings, ledger: TokenLedger) -> GceAuthenticator | None:
+    """GCE instance identity validation, when ``gce_projects`` turns it on."""
+    gce = settings.gce
+    if gce is None:
+        return None
+    log.info(
+        "accepting GCE instance identity tokens (audience %s) from project(s) %s",
+        gce.audience,
+        ", ".join(gce.projects),
+    )
+    return GceAuthenticator(settings.trust_domain_value, gce, ledger)
 
 
 def _load_root(settings: Settings, store: Store, signer: Signer) -> RootRecord:
@@ -261,6 +275,7 @@ async def _start(
     authenticator = CallerAuthenticator(
         build_token_authenticator(settings),
         SvidAuthenticator(authority.trust_domain, authority.trust_bundle, issued_before),
+        gce=build_gce_authenticator(settings, store),
     )
     undo.push_async_callback(authenticator.close)
     grpc_server = aio.server(

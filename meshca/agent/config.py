@@ -24,7 +24,10 @@ How the agent proves who it is (``credential``):
 - ``svid``: only the SVID, on ``mtls_address``; the agent starts from ``svid_cert_file``
   and ``svid_key_file`` (a provisioned bootstrap SVID, or the file sink's output of an
   earlier run), and requests a fresh key and certificate with them at once.
-- ``gce``: a GCE instance identity token (not available in this build).
+- ``gce``: a GCE VM's instance identity token, fetched fresh from the metadata server
+  (``gce_metadata_url``) before every request, for audience ``gce_audience`` (default
+  ``spiffe://<trust_domain>``, the CA's default). With ``mtls_address`` set, renewals
+  use the SVID as for ``k8s``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from meshca.agent.credential_sources import DEFAULT_GCE_METADATA_URL
 from meshca.config import Duration
 from meshca.durations import format_duration
 from meshca.errors import ConfigError, SpiffeIdError
@@ -95,6 +99,10 @@ class AgentSettings(BaseSettings):
     token_file: Path = DEFAULT_TOKEN_FILE
     svid_cert_file: Path | None = None
     svid_key_file: Path | None = None
+    gce_metadata_url: str = DEFAULT_GCE_METADATA_URL
+    """Base URL of the GCE metadata server (credential ``gce``)."""
+    gce_audience: str | None = None
+    """Audience of the GCE identity token; default ``spiffe://<trust_domain>``."""
     ttl: Duration = timedelta(hours=1)
     """Requested certificate lifetime; the CA may grant less."""
     renew_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -160,6 +168,13 @@ class AgentSettings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"http_listen {value!r} must be HOST:PORT, e.g. 0.0.0.0:15021")
         return value
+
+    @field_validator("gce_metadata_url")
+    @classmethod
+    def _metadata_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"gce_metadata_url {value!r} must be an http(s) URL")
+        return value.rstrip("/")
 
     @field_validator("ca_bundle_url")
     @classmethod
@@ -342,6 +357,11 @@ class AgentSettings(BaseSettings):
     @property
     def trust_domain_value(self) -> TrustDomain:
         return TrustDomain(self.trust_domain)
+
+    @property
+    def effective_gce_audience(self) -> str:
+        """The audience the agent asks GCE identity tokens for (the CA's default)."""
+        return self.gce_audience or str(self.trust_domain_value.id)
 
     @property
     def server_name(self) -> str | None:

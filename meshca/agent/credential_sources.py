@@ -8,8 +8,8 @@ expires, and a GCE identity token lives one hour.
 - :class:`ProjectedTokenFile`: the projected service-account token (Kubernetes), read
   from its file on every call.
 - :class:`GceIdentityToken`: the instance identity token of a GCE VM, fetched through an
-  :class:`IdentityTokenFetcher`. This build ships no fetcher (the metadata-server client
-  comes with the GCE issue), so ``--credential gce`` is refused at start-up.
+  :class:`IdentityTokenFetcher` (:class:`GceMetadataServer`, the VM's metadata server)
+  before every request: the CA accepts each token once.
 - :class:`NoToken`: for SVID-only agents, which authenticate with their certificate.
 
 Tokens are never logged; errors name the file or the source, never the content.
@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
+
+import aiohttp
 
 from meshca.errors import ConfigError, MeshcaError
 
@@ -29,11 +33,17 @@ MAX_TOKEN_BYTES = 64 * 1024
 
 
 class CredentialError(MeshcaError):
-    """The agent's own credential could not be read. Retrying soon rarely helps: a
-    missing or unreadable token file is a deployment problem, so the agent says which
-    file and why, and retries slowly."""
+    """The agent's own credential could not be had. Usually retrying soon does not help
+    (a missing or unreadable token file is a deployment problem: the agent says which
+    file and why, and retries slowly); ``retryable`` marks the passing failures (the
+    metadata server unreachable or answering 5xx), which are retried with normal backoff.
+    """
 
     default_reason = "credential_unavailable"
+
+    def __init__(self, message: str, *, reason: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message, reason=reason)
+        self.retryable = retryable
 
 
 class CredentialSource(Protocol):
@@ -138,6 +148,126 @@ class GceIdentityToken:
         return await self._fetcher.identity_token(self.audience)
 
 
+DEFAULT_GCE_METADATA_URL = "http://metadata.google.internal"
+"""The GCE metadata server (also reachable as http://169.254.169.254)."""
+IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
+_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _first_line(body: bytes) -> str:
+    """The first line of an answer's body with text in it (HTML tags removed), short."""
+    text = body[:4096].decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        line = " ".join(_TAG.sub(" ", line).split())
+        if line:
+            return line if len(line) <= 200 else line[:197] + "..."
+    return "(empty body)"
+
+
+class GceMetadataServer:
+    """Fetches instance identity tokens from the GCE metadata server.
+
+    ``GET {base_url}/computeMetadata/v1/instance/service-accounts/default/identity
+    ?audience=<aud>&format=full`` with ``Metadata-Flavor: Google`` (Compute Engine
+    documentation, "Verifying the identity of instances"). Every call is a new request
+    (a new token, since the CA accepts each token once), bounded by ``timeout``, never
+    through an HTTP proxy. The answer must carry ``Metadata-Flavor: Google`` too, the
+    sign that the metadata server, not something else on that name, answered.
+    """
+
+    def __init__(
+        self, base_url: str = DEFAULT_GCE_METADATA_URL, *, timeout: timedelta = timedelta(seconds=5)
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self.url = self.base_url + IDENTITY_PATH
+
+    async def identity_token(self, audience: str) -> str:
+        """A fresh ``format=full`` token for ``audience``; CredentialError naming the
+        metadata server's answer (status and first line) when there is none."""
+        seconds = self._timeout.total_seconds()
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=seconds), trust_env=False
+                ) as session,
+                session.get(
+                    self.url,
+                    params={"audience": audience, "format": "full"},
+                    headers={"Metadata-Flavor": "Google"},
+                    allow_redirects=False,
+                ) as response,
+            ):
+                body = await _read_at_most(response.content, MAX_TOKEN_BYTES + 1)
+                status, flavor = response.status, response.headers.get("Metadata-Flavor")
+        except TimeoutError:
+            raise CredentialError(
+                f"the GCE metadata server at {self.base_url} did not answer within {seconds:g}s",
+                reason="gce_metadata_unavailable",
+                retryable=True,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise CredentialError(
+                f"cannot reach the GCE metadata server at {self.base_url} (is this a GCE "
+                f"VM?): {type(exc).__name__}: {exc}".rstrip(": "),
+                reason="gce_metadata_unavailable",
+                retryable=True,
+            ) from None
+        if status != 200:
+            raise CredentialError(
+                f"the GCE metadata server refused the identity token request: HTTP {status}: "
+                f"{_first_line(body)}{_hint(status)}",
+                reason="gce_metadata_refused",
+                retryable=status >= 500 or status == 429,
+            )
+        if flavor != "Google":
+            raise CredentialError(
+                f"{self.base_url} answered without the 'Metadata-Flavor: Google' header: it "
+                "is not a GCE metadata server",
+                reason="gce_metadata_invalid",
+            )
+        return _checked_token(body, self.base_url)
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (enough to tell it is too long)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _hint(status: int) -> str:
+    if status == 404:
+        return " (does the VM have a service account? identity tokens need one)"
+    if status == 400:
+        return " (check --gce-audience)"
+    return ""
+
+
+def _checked_token(body: bytes, source: str) -> str:
+    if len(body) > MAX_TOKEN_BYTES:
+        raise CredentialError(
+            f"the GCE metadata server at {source} sent more than {MAX_TOKEN_BYTES} bytes; "
+            "that is not an identity token",
+            reason="gce_metadata_invalid",
+        )
+    try:
+        text = body.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not _JWS.fullmatch(text):
+        raise CredentialError(
+            f"the GCE metadata server at {source} answered 200 without a JWT: {_first_line(body)}",
+            reason="gce_metadata_invalid",
+        )
+    return text
+
+
 class NoToken:
     """No bearer token: the agent authenticates with its SVID on the mTLS port."""
 
@@ -149,18 +279,22 @@ class NoToken:
         return None
 
 
-GCE_UNAVAILABLE = (
-    "credential 'gce' is not available in this build: fetching GCE instance identity "
-    "tokens from the metadata server comes with the GCE issue; use 'k8s' or 'svid'"
-)
-
-
-def credential_source(kind: str, token_file: Path) -> CredentialSource:
-    """The source for ``--credential``; ConfigError for one this build cannot provide."""
+def credential_source(
+    kind: str,
+    token_file: Path,
+    *,
+    gce_metadata_url: str = DEFAULT_GCE_METADATA_URL,
+    gce_audience: str | None = None,
+    timeout: timedelta = timedelta(seconds=5),
+) -> CredentialSource:
+    """The source for ``--credential``; ConfigError for an unknown kind or a missing
+    GCE audience."""
     if kind == "k8s":
         return ProjectedTokenFile(token_file)
     if kind == "svid":
         return NoToken()
     if kind == "gce":
-        raise ConfigError(GCE_UNAVAILABLE, reason="credential_unavailable")
+        if not gce_audience:
+            raise ConfigError("credential 'gce' needs an audience (gce_audience)")
+        return GceIdentityToken(GceMetadataServer(gce_metadata_url, timeout=timeout), gce_audience)
     raise ConfigError(f"unknown credential {kind!r}; allowed: k8s, gce, svid")

@@ -292,7 +292,7 @@ class RotationEngine:
         """Record a failure; the seconds to wait before the next attempt."""
         self.failures += 1
         self.last_error = exc
-        retryable = isinstance(exc, CAError | TrustError) and exc.retryable
+        retryable = exc.retryable
         hint = exc.retry_after if isinstance(exc, CAError) else None
         delay = self.backoff.delay(self.failures, self._rng, retryable=retryable, hint=hint)
         self.next_attempt = _now() + timedelta(seconds=delay)

@@ -150,7 +150,13 @@ def build_client(settings: AgentSettings) -> CAClient:
     return CAClient(
         address=settings.ca_address,
         anchors=TrustAnchors(bundle_source(settings), settings.trust_domain_value),
-        credential=credential_source(settings.credential, settings.token_file),
+        credential=credential_source(
+            settings.credential,
+            settings.token_file,
+            gce_metadata_url=settings.gce_metadata_url,
+            gce_audience=settings.effective_gce_audience,
+            timeout=settings.request_timeout,
+        ),
         server_name=settings.server_name,
         timeout=settings.request_timeout,
         mtls_address=settings.mtls_address,

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from meshca.authn.base import Attestation, Authenticator, AuthMethod, Credential, Peer
+from meshca.authn.gce import is_google_token
 from meshca.errors import AuthenticationError, SpiffeIdError
 from meshca.spiffe import SpiffeId, TrustDomain
 
@@ -115,20 +116,38 @@ class SvidAuthenticator:
 class CallerAuthenticator:
     """Picks the authenticator for what the caller presented.
 
-    A verified client certificate (the mTLS port) renews by SVID; otherwise the bearer
-    token is checked by the token authenticator (Kubernetes today).
+    A verified client certificate (the mTLS port) renews by SVID. A bearer token whose
+    issuer, read without verification, is Google goes to the GCE authenticator (or is
+    refused when GCE authentication is off); every other token goes to the Kubernetes
+    authenticator. The peek only routes: each path verifies the token against its own
+    issuer and keys, so a token cannot cross from one to the other.
     """
 
-    def __init__(self, token: Authenticator, svid: SvidAuthenticator) -> None:
+    def __init__(
+        self,
+        token: Authenticator,
+        svid: SvidAuthenticator,
+        gce: Authenticator | None = None,
+    ) -> None:
         self._token = token
         self._svid = svid
+        self._gce = gce
 
     async def authenticate(self, credential: Credential, peer: Peer) -> Attestation:
         if peer.certificates:
             return await self._svid.authenticate(credential, peer)
+        if is_google_token(credential.bearer_token):
+            if self._gce is None:
+                raise AuthenticationError(
+                    "this CA does not accept GCE instance identity tokens: it was started "
+                    "without --gce-project",
+                    reason="gce_not_configured",
+                )
+            return await self._gce.authenticate(credential, peer)
         return await self._token.authenticate(credential, peer)
 
     async def close(self) -> None:
-        closer = getattr(self._token, "close", None)
-        if closer is not None:
-            await closer()
+        for authenticator in (self._token, self._gce):
+            closer = getattr(authenticator, "close", None)
+            if closer is not None:
+                await closer()

@@ -107,7 +107,7 @@ def agent_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     env="CREDENTIAL",
     type=click.Choice(["k8s", "gce", "svid"]),
     help="What the agent proves its identity with: a projected service-account token "
-    "(k8s), a GCE identity token (gce; not in this build) or its SVID on the mTLS port "
+    "(k8s), the VM's GCE instance identity token (gce) or its SVID on the mTLS port "
     "(svid) [default: k8s].",
 )
 @agent_option(
@@ -116,6 +116,19 @@ def agent_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     type=PATH,
     help="Projected service-account token (audience istio-ca), re-read for every request "
     "[default: /var/run/secrets/tokens/istio-token].",
+)
+@agent_option(
+    "--gce-metadata-url",
+    env="GCE_METADATA_URL",
+    metavar="URL",
+    help="With --credential gce: the metadata server, asked for a fresh identity token "
+    "before every request [default: http://metadata.google.internal].",
+)
+@agent_option(
+    "--gce-audience",
+    env="GCE_AUDIENCE",
+    help="With --credential gce: the token's audience, as the CA expects it "
+    "[default: spiffe://<trust-domain>].",
 )
 @agent_option(
     "--svid-cert-file",

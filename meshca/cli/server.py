@@ -110,6 +110,27 @@ DURATION = DurationParam()
     help="Audience a service-account token must carry (repeatable) [default: istio-ca].",
 )
 @env_option(
+    "--gce-project",
+    "gce_projects",
+    env="GCE_PROJECTS",
+    multiple=True,
+    metavar="PROJECT_ID",
+    help="Accept GCE instance identity tokens from VMs of this project (repeatable; none: "
+    "GCE authentication off). Map VMs to SPIFFE IDs with gce_rules in the config file.",
+)
+@env_option(
+    "--gce-audience",
+    env="GCE_AUDIENCE",
+    help="Audience GCE identity tokens must carry [default: spiffe://<trust-domain>].",
+)
+@env_option(
+    "--gce-certs-url",
+    env="GCE_CERTS_URL",
+    metavar="URL",
+    help="Google's token-signing keys, a JWK Set "
+    "[default: https://www.googleapis.com/oauth2/v3/certs].",
+)
+@env_option(
     "--max-ttl",
     env="MAX_TTL",
     type=DURATION,
@@ -161,7 +182,7 @@ def server(config_file: Path | None, **flags: object) -> None:
     self-signed root under the state directory, and a SQLite ledger beside them; later
     starts reuse both.
     """
-    for name in ("server_dns_names", "token_audience"):
+    for name in ("server_dns_names", "token_audience", "gce_projects"):
         if flags.get(name) == ():
             flags[name] = None
     settings = load(config_file, **flags)

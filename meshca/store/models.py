@@ -1,4 +1,4 @@
-"""The four tables: roots, intermediates, the issuance ledger and its head.
+"""The tables: roots, intermediates, the issuance ledger and its head, used tokens.
 
 These SQLModel classes are the schema as the code sees it; the migrations in
 ``meshca/store/migrations/versions`` are the schema as the database gets it, and the two
@@ -163,3 +163,23 @@ class LedgerHead(SQLModel, table=True):
     id: int = Field(sa_column=Column("id", Integer, primary_key=True, autoincrement=False))
     last_sequence: int = Field(sa_column=Column("last_sequence", BigInteger, nullable=False))
     last_hash: str = Field(sa_column=_hex("last_hash"))
+
+
+class UsedToken(SQLModel, table=True):
+    """A one-time bearer token (a GCE instance identity token) that has been used.
+
+    Only the SHA-256 of the token is kept, never the token, and only until
+    ``expires_at`` (after which the token is refused as expired anyway). The primary key
+    is what makes a second use fail in every replica sharing the database: recording a
+    use is an insert, and a conflicting insert means a replay.
+    """
+
+    __tablename__ = "used_tokens"
+    __table_args__ = (Index("ix_used_tokens_expires_at", "expires_at"),)
+
+    token_sha256: str = Field(
+        sa_column=Column("token_sha256", String(HASH_HEX_LENGTH), primary_key=True)
+    )
+    method: str = Field(sa_column=Column("method", String(64), nullable=False))
+    expires_at: datetime = Field(sa_column=_when("expires_at"))
+    used_at: datetime = Field(default_factory=utc_now, sa_column=_when("used_at"))

@@ -12,12 +12,14 @@ password.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Table, func, insert, text, update
+from sqlalchemy import Connection, Table, delete, func, insert, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -40,11 +42,14 @@ from meshca.store.models import (
     LedgerEntry,
     LedgerHead,
     RootRecord,
+    UsedToken,
+    utc_now,
 )
 from meshca.store.verify import ChainVerifier, LedgerReport
 
 HEAD_ID = 1
 VERIFY_BATCH_SIZE = 500
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +252,45 @@ class Store:
                 if row.certificate_pem == certificate_pem:
                     return row
         return None
+
+    # -- one-time tokens --------------------------------------------------------------
+
+    def record_token_use(self, token_sha256: str, method: str, expires_at: datetime) -> bool:
+        """Record the use of a one-time token by its SHA-256; False if it was used before.
+
+        Atomic across threads, processes and replicas: the insert is the check (primary
+        key on the digest, ``ON CONFLICT DO NOTHING``), so of two requests racing with
+        one token exactly one gets True. The row is kept until ``expires_at``.
+        """
+        if not _HEX_DIGEST.fullmatch(token_sha256):
+            raise ValueError("token_sha256 must be 64 lowercase hex digits")
+        _check_times(expires_at=expires_at)
+        row = {
+            "token_sha256": token_sha256,
+            "method": method,
+            "expires_at": expires_at,
+            "used_at": utc_now(),
+        }
+        table = _table(UsedToken)
+        dialect = self._engine.dialect.name
+        statement: postgresql.Insert | sqlite.Insert
+        if dialect == "postgresql":
+            statement = postgresql.insert(table).values(row).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            statement = sqlite.insert(table).values(row).on_conflict_do_nothing()
+        else:  # pragma: no cover - meshca runs on SQLite and PostgreSQL
+            raise StoreError(f"one-time tokens need SQLite or PostgreSQL, not {dialect}")
+        # RETURNING, not rowcount: drivers disagree on rowcount after ON CONFLICT.
+        returning = statement.returning(table.c.token_sha256)
+        with self._transaction("recording a token use") as conn:
+            return conn.execute(returning).first() is not None
+
+    def purge_used_tokens(self, now: datetime) -> int:
+        """Delete the records of tokens that expired before ``now``; how many went."""
+        _check_times(now=now)
+        table = _table(UsedToken)
+        with self._transaction("deleting expired token records") as conn:
+            return conn.execute(delete(table).where(table.c.expires_at < now)).rowcount
 
     def get_intermediate(self, fingerprint: str) -> IntermediateRecord | None:
         statement = select(IntermediateRecord).where(IntermediateRecord.fingerprint == fingerprint)

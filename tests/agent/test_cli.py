@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from meshca.agent.config import load_agent_settings
 from meshca.agent.run import start_agent
 from meshca.cli.main import main
-from meshca.errors import ConfigError
 from tests.agent.conftest import StartCA, settings_for, write_token
 
 FLAGS = (
@@ -112,10 +111,20 @@ def test_bad_input_is_one_clear_line_and_exit_2(args: list[str], expected: str) 
     assert lines[0].startswith("meshca: error: ") and expected in lines[0], lines[0]
 
 
-async def test_gce_credential_is_refused_as_not_in_this_build() -> None:
-    settings = load_agent_settings(ca_address="ca:1", ca_plaintext=True, credential="gce")
-    with pytest.raises(ConfigError, match="not available in this build"):
-        await start_agent(settings)
+async def test_gce_credential_starts_with_the_metadata_server_source() -> None:
+    settings = load_agent_settings(
+        ca_address="ca:1",
+        ca_plaintext=True,
+        credential="gce",
+        gce_metadata_url="http://127.0.0.1:9",  # nothing there: the first fetch fails fast
+    )
+    agent = await start_agent(settings)
+    try:
+        assert agent.client.credential.description == (
+            "GCE identity token (audience spiffe://cluster.local)"
+        )
+    finally:
+        await agent.stop()
 
 
 def test_flags_override_environment_override_file(
