@@ -13,7 +13,7 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -255,7 +255,73 @@ def default_state_dir() -> Path:
     return Path(base) / "meshca"
 
 
-class Settings(BaseSettings):
+_CONFIG_FILE: dict[str, Path | None] = {}
+
+
+class FileSettings(BaseSettings):
+    """Base of meshca's settings: flags (init values) win over ``MESHCA_*`` variables,
+    which win over the config file (YAML or TOML) being loaded by
+    :func:`load_from_sources`."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get("path")
+        if path is not None:
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+SettingsT = TypeVar("SettingsT", bound=FileSettings)
+
+
+def load_from_sources(
+    cls: type[SettingsT],
+    config_file: Path | None,
+    overrides: dict[str, Any],
+    *,
+    what: str = "configuration",
+) -> SettingsT:
+    """Build ``cls`` from the config file, the environment and ``overrides`` (flags;
+    None = unset). Raises ConfigError listing every problem, each naming its field
+    (and, for a missing one, the flag and variable that set it)."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist or is not a file")
+        if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
+            raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = "; ".join(_describe(err, prefix) for err in exc.errors())
+        raise ConfigError(f"invalid {what}: {problems}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {what}: {exc}") from exc
+    finally:
+        _CONFIG_FILE.pop("path", None)
+
+
+def _describe(err: Any, env_prefix: str) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "missing" and len(err["loc"]) == 1:
+        return f"{where}: required (set --{where.replace('_', '-')} or {env_prefix}{where.upper()})"
+    return f"{where}: {str(err['msg']).removeprefix('Value error, ')}"
+
+
+class Settings(FileSettings):
     """Everything ``meshca server`` and ``meshca admin`` read."""
 
     model_config = SettingsConfigDict(
@@ -504,52 +570,13 @@ class Settings(BaseSettings):
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'meshca.db'}"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _CONFIG_FILE.get("path")
-        if path is not None:
-            if path.suffix.lower() == ".toml":
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-            else:
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-        return tuple(sources)
-
-
-_CONFIG_FILE: dict[str, Path | None] = {}
-
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from the file, the environment and ``overrides`` (flags; None = unset).
 
     Raises ConfigError with every problem listed, each naming its field.
     """
-    if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist or is not a file")
-        if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
-            raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    _CONFIG_FILE["path"] = config_file
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read configuration: {exc}") from exc
-    finally:
-        _CONFIG_FILE.pop("path", None)
+    return load_from_sources(Settings, config_file, overrides)
 
 
 def secret_from_file(path: Path) -> SecretStr:

@@ -38,20 +38,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
-    YamlConfigSettingsSource,
 )
 
 from meshca.agent.credential_sources import DEFAULT_GCE_METADATA_URL
-from meshca.config import Duration
+from meshca.config import Duration, FileSettings, load_from_sources
 from meshca.durations import format_duration
-from meshca.errors import ConfigError, SpiffeIdError
+from meshca.errors import SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.spiffe import TrustDomain
 
@@ -71,7 +67,7 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(FileSettings):
     """Everything ``meshca agent`` reads. See the module docstring for the trust rules."""
 
     model_config = SettingsConfigDict(
@@ -390,54 +386,8 @@ class AgentSettings(BaseSettings):
             paths.append(f"files {self.output_dir}")
         return paths
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _CONFIG_FILE.get("path")
-        if path is not None:
-            if path.suffix.lower() == ".toml":
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-            else:
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-        return tuple(sources)
-
-
-_CONFIG_FILE: dict[str, Path | None] = {}
-
 
 def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
     """Build AgentSettings from the file, the environment and ``overrides`` (flags;
     None = unset). Raises ConfigError with every problem listed, each naming its field."""
-    if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist or is not a file")
-        if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
-            raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    _CONFIG_FILE["path"] = config_file
-    try:
-        return AgentSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
-        raise ConfigError(f"invalid agent configuration: {problems}") from exc
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read agent configuration: {exc}") from exc
-    finally:
-        _CONFIG_FILE.pop("path", None)
-
-
-def _describe(err: Any) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "missing":
-        env = ENV_PREFIX + where.upper()
-        flag = "--" + where.replace("_", "-")
-        return f"{where}: required (set {flag} or {env})"
-    return f"{where}: {message}"
+    return load_from_sources(AgentSettings, config_file, overrides, what="agent configuration")
