@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from grpc import aio
+
 from meshca.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,14 @@ class PrivateUnixSocket:
                 self.path,
                 self.mode,
             )
+
+    async def serve(self, server: aio.Server) -> None:
+        """Check the path, bind ``server`` privately, start it, and move the socket in."""
+        self.check()
+        with self.staging() as staged:
+            server.add_insecure_port(f"unix:{staged}")
+            await server.start()
+            self.place(staged)
 
     def remove(self) -> None:
         """Unlink the socket, unless another process has replaced it since."""

@@ -334,17 +334,13 @@ class SdsServer:
         """Bind the socket (see :mod:`meshca.agent._unix_socket`) and serve ``store``."""
         if self._server is not None:
             raise RuntimeError("the SDS server is already started")
-        self._socket.check()
         self._stopping = asyncio.get_running_loop().create_future()
         self._servicer = _SecretDiscoveryServicer(store, self._stopping)
         server = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer, server)
         self._server = server
         try:
-            with self._socket.staging() as staged:
-                server.add_insecure_port(f"unix:{staged}")
-                await server.start()
-                self._socket.place(staged)
+            await self._socket.serve(server)
         except BaseException:
             await self.stop()
             raise

@@ -227,17 +227,13 @@ class WorkloadApiServer:
         """Bind the socket, replacing a stale one, and serve ``store``'s credentials."""
         if self._server is not None:
             raise RuntimeError("the workload API server is already started")
-        self._socket.check()
         self._stopping.clear()
         self._servicer = _WorkloadApiServicer(store, self._stopping)
         server = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
         self._server = server
         try:
-            with self._socket.staging() as staged:
-                server.add_insecure_port(f"unix:{staged}")
-                await server.start()
-                self._socket.place(staged)
+            await self._socket.serve(server)
         except BaseException:
             await self.stop()
             raise
