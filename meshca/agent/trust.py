@@ -29,10 +29,11 @@ from typing import Protocol
 
 import aiohttp
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
 from meshca.errors import MeshcaError
+from meshca.pki.profile import fingerprint
 from meshca.spiffe import TrustDomain
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ class TrustError(MeshcaError):
     def __init__(self, message: str, *, reason: str | None = None, retryable: bool) -> None:
         super().__init__(message, reason=reason)
         self.retryable = retryable
-
-
-def sha256_fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def parse_bundle(
@@ -78,7 +75,7 @@ def parse_bundle(
 
 
 def _not_an_anchor(cert: x509.Certificate, trust_domain: TrustDomain) -> str | None:
-    name = cert.subject.rfc4514_string() or sha256_fingerprint(cert)[:16]
+    name = cert.subject.rfc4514_string() or fingerprint(cert)[:16]
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -176,8 +173,8 @@ class PinnedBundleUrl:
                 retryable=False,
             )
         certs = parse_bundle(data, f"the CA bundle from {self.url}", self._trust_domain)
-        if not any(sha256_fingerprint(c) in self.pins for c in certs):
-            found = ", ".join(sha256_fingerprint(c)[:16] for c in certs) or "none"
+        if not any(fingerprint(c) in self.pins for c in certs):
+            found = ", ".join(fingerprint(c)[:16] for c in certs) or "none"
             raise TrustError(
                 f"the CA bundle from {self.url} holds no root with a pinned SHA-256 "
                 f"fingerprint (roots found: {found}); refusing it",
@@ -223,15 +220,15 @@ class TrustAnchors:
             return False
         log.warning(
             "plaintext mode: trusting root %s from the CA's answer without verification",
-            sha256_fingerprint(root)[:16],
+            fingerprint(root)[:16],
         )
         return self._set((*self.current, root))
 
     def _set(self, certs: tuple[x509.Certificate, ...]) -> bool:
         if certs == self.current:
             return False
-        before = {sha256_fingerprint(c)[:16] for c in self.current}
-        after = {sha256_fingerprint(c)[:16] for c in certs}
+        before = {fingerprint(c)[:16] for c in self.current}
+        after = {fingerprint(c)[:16] for c in certs}
         self.current = certs
         self.version += 1
         log.info(
