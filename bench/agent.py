@@ -56,6 +56,7 @@ if str(PROJECT_ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 from _agent_peers import Agent, WlapiWatcher, all_streams_hold, first_arrival  # noqa: E402
 from _agent_report import Rotation, latencies, render  # noqa: E402
+from _args import duration, positive  # noqa: E402
 from _procs import (  # noqa: E402
     CLOCK_TICKS,
     BenchError,
@@ -70,7 +71,7 @@ from _report import MIB, machine_facts  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from meshca.config import load_settings  # noqa: E402
-from meshca.durations import format_duration, parse_duration  # noqa: E402
+from meshca.durations import format_duration  # noqa: E402
 from meshca.server import RunningServer, start_server  # noqa: E402
 from tests.agent.sds_client import EnvoySdsClient  # noqa: E402
 from tests.fakes.kube import FakeKubeApi  # noqa: E402
@@ -88,21 +89,6 @@ METRIC_SCRAPES = 200
 RSS_INTERVAL = 0.25
 RENEWALS = "meshca_agent_renewals_total"
 LAST_RENEWAL = "meshca_agent_last_renewal_timestamp_seconds"
-
-
-def duration(text: str) -> float:
-    """``6s``, ``1m``, ``500ms`` or plain seconds, as meshca writes durations."""
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -48,6 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from _args import duration, positive
 from _backends import RootBackend, open_backend
 from _checks import intermediate_rows, ledger_rows, uri_sans, verify_cfssl, verify_meshca
 from _fixtures import (
@@ -89,22 +90,6 @@ MAX_DURATION = 1800.0
 SAMPLES_PER_PROCESS = 4
 PY_SPY_RATE = 200
 START_TIMEOUT = 60.0
-
-
-def duration(text: str) -> float:
-    """``20s``, ``1m``, ``500ms`` or plain seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; write e.g. 20s, 1m, 500ms")
-    value = float(match[1]) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match[2]]
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
