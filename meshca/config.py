@@ -22,7 +22,6 @@ from pydantic import (
     Discriminator,
     Field,
     PlainSerializer,
-    SecretStr,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -577,11 +576,3 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     Raises ConfigError with every problem listed, each naming its field.
     """
     return load_from_sources(Settings, config_file, overrides)
-
-
-def secret_from_file(path: Path) -> SecretStr:
-    """Read a secret (token, PIN) from a file, stripped, wrapped so it never prints."""
-    try:
-        return SecretStr(path.read_text().strip())
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc

@@ -238,23 +238,27 @@ def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int])
     return bound
 
 
-async def start_server(settings: Settings, *, reuse_port: bool = False) -> RunningServer:
+async def start_server(
+    settings: Settings, *, reuse_port: bool = False, migrate: bool = True
+) -> RunningServer:
     """Start every part of the CA; raise ConfigError/MeshcaError naming what failed.
 
-    ``reuse_port`` is for worker processes that share their listening ports. If any part
+    ``reuse_port`` and ``migrate=False`` are for worker processes: they share their
+    listening ports, and the supervisor has already applied the migrations. If any part
     fails to start, the parts already started are stopped again.
     """
     async with contextlib.AsyncExitStack() as undo:
-        running = await _start(settings, reuse_port, undo)
+        running = await _start(settings, reuse_port, migrate, undo)
         undo.pop_all()
         return running
 
 
 async def _start(
-    settings: Settings, reuse_port: bool, undo: contextlib.AsyncExitStack
+    settings: Settings, reuse_port: bool, migrate: bool, undo: contextlib.AsyncExitStack
 ) -> RunningServer:
     http_host, http_port = split_host_port(settings.http_listen, "http_listen")
-    store = await asyncio.to_thread(Store.open, settings.effective_database_url)
+    open_store = Store.open if migrate else Store
+    store = await asyncio.to_thread(open_store, settings.effective_database_url)
     undo.push_async_callback(asyncio.to_thread, store.close)
     signer = await asyncio.to_thread(_open_signer, settings)
     undo.push_async_callback(asyncio.to_thread, close_signer, signer)

@@ -78,7 +78,7 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
 
     async def run() -> int:
         try:
-            running = await start_server(settings, reuse_port=True)
+            running = await start_server(settings, reuse_port=True, migrate=False)
         except MeshcaError as exc:
             config_error = isinstance(exc, ConfigError)
             conn.send({"error": exc.message, "config": config_error})
