@@ -16,6 +16,8 @@ the time claims with a configured leeway, then the ``kubernetes.io`` claims.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import math
@@ -44,6 +46,9 @@ SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 KEYS_MAX_AGE = timedelta(minutes=5)
 """Keys older than this are re-fetched on the next request, so a retired key stops
 verifying tokens; if that fetch fails the old keys are used until it succeeds."""
+
+MAX_PEEK_CHARS = 16 * 1024
+""":func:`unverified_claims` reads no payload longer than this (the token size limit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +91,33 @@ def epoch_to_datetime(value: object) -> datetime | None:
         return None
 
 
+def unverified_claims(token: str) -> dict[str, object] | None:
+    """The claims of a compact JWS read WITHOUT verifying anything; None if they do not parse.
+
+    Only for routing a token or bounding a cache lifetime, never for deciding whether a
+    token is valid: whoever acts on the token verifies it in full. Cheaper than PyJWT's
+    unverified decode, which checks every character in Python and costs a third of a
+    millisecond per token on the issuance path.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > MAX_PEEK_CHARS:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
 def unverified_expiry(token: str) -> datetime | None:
     """The ``exp`` of a JWT read WITHOUT verifying it; None if it does not parse.
 
     Only for bounding how long a result vouched for by someone else (a TokenReview) is
     cached or reported; never for deciding whether a token is valid.
     """
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    return epoch_to_datetime(claims.get("exp"))
+    claims = unverified_claims(token)
+    return None if claims is None else epoch_to_datetime(claims.get("exp"))
 
 
 def _refusal(reason: str, message: str) -> AuthenticationError:

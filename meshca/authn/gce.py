@@ -48,7 +48,7 @@ import jwt
 
 from meshca.authn._gce_keys import ALGORITHM, GoogleKeys
 from meshca.authn._gce_rules import GceInstance, MappingRule, compile_rules
-from meshca.authn._jwks import epoch_to_datetime, json_object
+from meshca.authn._jwks import epoch_to_datetime, json_object, unverified_claims
 from meshca.authn.base import Attestation, AuthMethod, Credential, Peer
 from meshca.config import GceConfig
 from meshca.durations import format_duration
@@ -112,11 +112,8 @@ def is_google_token(token: str | None) -> bool:
     """
     if not token or len(token) > PEEK_MAX_BYTES:
         return False
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError):
-        return False
-    return claims.get("iss") in GOOGLE_ISSUERS
+    claims = unverified_claims(token)
+    return claims is not None and claims.get("iss") in GOOGLE_ISSUERS
 
 
 def _refusal(reason: str, message: str) -> AuthenticationError:
