@@ -19,6 +19,7 @@ import json
 import subprocess
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import RSAAlgorithm
 
 ISSUER = "https://bench.issuer.example"
@@ -220,3 +222,34 @@ def cfssl_ca(cfssl: str, directory: Path, *, tls: bool) -> CfsslFiles:
         tls_key.write_text(server["key"])
         tls_key.chmod(0o600)
     return CfsslFiles(ca_cert, ca_key, config, tls_cert, tls_key)
+
+
+def localhost_tls(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for ``localhost`` and its key (PEM files),
+    for the null CA of ``issue.py --floor``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "null-ca.pem", directory / "null-ca-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path

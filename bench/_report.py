@@ -248,6 +248,11 @@ def render(report: dict[str, Any], runs: Sequence[ServerRun | None]) -> str:
         lines.append(f"{label:<{width}}  " + "".join(f"{_cell(r, key):<{col}}" for r in runs))
     if report.get("ratio") is not None:
         lines += ["", f"meshca/cfssl certs/s: {report['ratio']:.3f}"]
+    if report.get("floor_ratio") is not None:
+        lines += [
+            f"grpc floor/cfssl answers/s: {report['floor_ratio']:.3f} (no CA in Python "
+            "served by grpcio can exceed this ratio on this machine)"
+        ]
     notes = [n for r in runs if r is not None for n in (f"{r.name}: {x}" for x in r.notes)]
     notes += report.get("notes", [])
     if notes:

@@ -56,6 +56,7 @@ from _fixtures import (
     Identity,
     TokenIssuer,
     cfssl_ca,
+    localhost_tls,
     make_pool,
     meshca_config,
 )
@@ -80,6 +81,7 @@ from cryptography import x509
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "_loadgen.py"
+NULL_CA = BENCH_DIR / "_null_ca.py"
 MESHCA = [sys.executable, "-m", "meshca"]
 READY = re.compile(
     r"gRPC (?P<mode>TLS|plaintext) on (?P<ghost>[^ ;]+):(?P<grpc>\d+); "
@@ -125,6 +127,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="memory",
         help="where issuing-intermediate keys live: memory (default) or hsm (the SoftHSM2 "
         "token; --signer pkcs11 only; every certificate signed there)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/_null_ca.py: the same gRPC server, TLS, protos and "
+        "workers answering a fixed chain with no work at all, i.e. the ceiling for any "
+        "CA served by grpcio in Python on this machine",
     )
     parser.add_argument("--skip-cfssl", action="store_true", help="measure meshca only")
     parser.add_argument("--skip-meshca", action="store_true", help="measure cfssl only")
@@ -642,6 +651,43 @@ class Bench:
             )
         return run
 
+    # -- the floor -----------------------------------------------------------------
+
+    def floor(self) -> ServerRun:
+        """The null CA (bench/_null_ca.py) with meshca's worker count, driven the same way."""
+        args = self.args
+        cert, key = localhost_tls(self.tmp / "null-ca")
+        workers = args.workers or os.cpu_count() or 1
+        port = free_port()
+        argv = [sys.executable, str(NULL_CA), "--port", str(port), "--workers", str(workers)]
+        argv += ["--cert", str(cert), "--key", str(key)]
+        out = self.tmp / "null-ca.out"
+        with out.open("wb") as o, (self.tmp / "null-ca.err").open("wb") as e:
+            server = self.children.start(argv, stdout=o, stderr=e, cwd=PROJECT_ROOT)
+        if wait_for_text(out, server, "READY", START_TIMEOUT) is None:
+            raise BenchError(f"the null CA did not start:\n{tail(self.tmp / 'null-ca.err')}")
+        say(f"null CA: {workers} process(es) on 127.0.0.1:{port}")
+        spec = {
+            "mode": "grpc",
+            "target": f"127.0.0.1:{port}",
+            "root_pem": cert.read_text(),
+            "server_name": "localhost",
+            "cluster_id": CLUSTER_ID,
+        }
+        try:
+            load = self.drive("null-ca", server, port, spec)
+        finally:
+            self.children.stop(server)
+        run = self.summarise(
+            "grpc floor", f"gRPC TLS 127.0.0.1:{port}", load, "not checked (a fixed answer)"
+        )
+        run.root_key = "none: no signing"
+        run.notes.append(
+            f"the floor: grpcio's asyncio server, TLS, {workers} process(es), a fixed "
+            "3-certificate answer; no token check, CSR parsing, signing or ledger"
+        )
+        return run
+
     # -- the whole run -------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -663,6 +709,11 @@ class Bench:
                 self.backend.close()
             runs.append(meshca_run)
             say(f"meshca: {meshca_run.certs_per_s:.1f} certs/s")
+        floor_run = None
+        if args.floor:
+            floor_run = self.floor()
+            runs.append(floor_run)
+            say(f"grpc floor: {floor_run.certs_per_s:.1f} answers/s")
         if not args.skip_cfssl:
             cfssl_run = self.cfssl()
             runs.append(cfssl_run)
@@ -671,6 +722,9 @@ class Bench:
         ratio = None
         if meshca_run and cfssl_run and cfssl_run.certs_per_s > 0:
             ratio = meshca_run.certs_per_s / cfssl_run.certs_per_s
+        floor_ratio = None
+        if floor_run and cfssl_run and cfssl_run.certs_per_s > 0:
+            floor_ratio = floor_run.certs_per_s / cfssl_run.certs_per_s
         cpus = facts.get("cpus_usable") or facts.get("nproc") or 0
         if cpus and cpus < 4:
             self.notes.append(
@@ -697,6 +751,7 @@ class Bench:
             },
             "servers": {r.name: r.as_json() for r in runs if r is not None},
             "ratio": ratio,
+            "floor_ratio": floor_ratio,
             "notes": self.notes,
             "profile": self.profile_summary,
         }
