@@ -105,7 +105,7 @@ def unverified_claims(token: str) -> dict[str, object] | None:
     try:
         payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
         claims = json.loads(payload)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: "[[[[..."
         return None
     return claims if isinstance(claims, dict) else None
 
