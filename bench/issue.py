@@ -131,9 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="also measure bench/_null_ca.py: the same gRPC server, TLS, protos and "
-        "workers answering a fixed chain with no work at all, i.e. the ceiling for any "
-        "CA served by grpcio in Python on this machine",
+        help="also measure bench/_null_ca.py, the same gRPC server, TLS, protos and "
+        "workers (1) answering a fixed chain with no work at all and (2) doing only "
+        "cfssl's work (CSR signature check, build and sign a leaf): ceilings for any CA "
+        "served by grpcio in Python on this machine",
     )
     parser.add_argument("--skip-cfssl", action="store_true", help="measure meshca only")
     parser.add_argument("--skip-meshca", action="store_true", help="measure cfssl only")
@@ -653,20 +654,22 @@ class Bench:
 
     # -- the floor -----------------------------------------------------------------
 
-    def floor(self) -> ServerRun:
-        """The null CA (bench/_null_ca.py) with meshca's worker count, driven the same way."""
+    def floor(self, work: str) -> ServerRun:
+        """The null CA (bench/_null_ca.py) with meshca's worker count, driven the same way:
+        ``work`` "none" answers a fixed chain, "sign" does cfssl's work in Python."""
         args = self.args
         cert, key = localhost_tls(self.tmp / "null-ca")
         workers = args.workers or os.cpu_count() or 1
         port = free_port()
         argv = [sys.executable, str(NULL_CA), "--port", str(port), "--workers", str(workers)]
-        argv += ["--cert", str(cert), "--key", str(key)]
-        out = self.tmp / "null-ca.out"
-        with out.open("wb") as o, (self.tmp / "null-ca.err").open("wb") as e:
+        argv += ["--cert", str(cert), "--key", str(key), "--work", work]
+        name = f"null-ca-{work}"
+        out = self.tmp / f"{name}.out"
+        with out.open("wb") as o, (self.tmp / f"{name}.err").open("wb") as e:
             server = self.children.start(argv, stdout=o, stderr=e, cwd=PROJECT_ROOT)
         if wait_for_text(out, server, "READY", START_TIMEOUT) is None:
-            raise BenchError(f"the null CA did not start:\n{tail(self.tmp / 'null-ca.err')}")
-        say(f"null CA: {workers} process(es) on 127.0.0.1:{port}")
+            raise BenchError(f"the null CA did not start:\n{tail(self.tmp / f'{name}.err')}")
+        say(f"null CA (--work {work}): {workers} process(es) on 127.0.0.1:{port}")
         spec = {
             "mode": "grpc",
             "target": f"127.0.0.1:{port}",
@@ -675,16 +678,21 @@ class Bench:
             "cluster_id": CLUSTER_ID,
         }
         try:
-            load = self.drive("null-ca", server, port, spec)
+            load = self.drive(name, server, port, spec)
         finally:
             self.children.stop(server)
-        run = self.summarise(
-            "grpc floor", f"gRPC TLS 127.0.0.1:{port}", load, "not checked (a fixed answer)"
-        )
-        run.root_key = "none: no signing"
+        label = "grpc floor" if work == "none" else "grpc + sign"
+        check = "not checked (a fixed answer)" if work == "none" else "not checked"
+        run = self.summarise(label, f"gRPC TLS 127.0.0.1:{port}", load, check)
+        run.root_key = "none: no signing" if work == "none" else "key in memory"
         run.notes.append(
-            f"the floor: grpcio's asyncio server, TLS, {workers} process(es), a fixed "
-            "3-certificate answer; no token check, CSR parsing, signing or ledger"
+            f"grpcio's asyncio server, TLS, {workers} process(es); "
+            + (
+                "a fixed 3-certificate answer: no token check, CSR parsing, signing or ledger"
+                if work == "none"
+                else "parses the CSR, verifies its signature, builds and signs a leaf "
+                "(what cfssl does): no token check, SPIFFE checks, ledger or logging"
+            )
         )
         return run
 
@@ -709,11 +717,12 @@ class Bench:
                 self.backend.close()
             runs.append(meshca_run)
             say(f"meshca: {meshca_run.certs_per_s:.1f} certs/s")
-        floor_run = None
+        floors: dict[str, ServerRun] = {}
         if args.floor:
-            floor_run = self.floor()
-            runs.append(floor_run)
-            say(f"grpc floor: {floor_run.certs_per_s:.1f} answers/s")
+            for work in ("none", "sign"):
+                floors[work] = self.floor(work)
+                runs.append(floors[work])
+                say(f"{floors[work].name}: {floors[work].certs_per_s:.1f} answers/s")
         if not args.skip_cfssl:
             cfssl_run = self.cfssl()
             runs.append(cfssl_run)
@@ -722,9 +731,9 @@ class Bench:
         ratio = None
         if meshca_run and cfssl_run and cfssl_run.certs_per_s > 0:
             ratio = meshca_run.certs_per_s / cfssl_run.certs_per_s
-        floor_ratio = None
-        if floor_run and cfssl_run and cfssl_run.certs_per_s > 0:
-            floor_ratio = floor_run.certs_per_s / cfssl_run.certs_per_s
+        floor_ratios = {}
+        if cfssl_run and cfssl_run.certs_per_s > 0:
+            floor_ratios = {w: r.certs_per_s / cfssl_run.certs_per_s for w, r in floors.items()}
         cpus = facts.get("cpus_usable") or facts.get("nproc") or 0
         if cpus and cpus < 4:
             self.notes.append(
@@ -751,7 +760,7 @@ class Bench:
             },
             "servers": {r.name: r.as_json() for r in runs if r is not None},
             "ratio": ratio,
-            "floor_ratio": floor_ratio,
+            "floor_ratios": floor_ratios,
             "notes": self.notes,
             "profile": self.profile_summary,
         }
