@@ -378,6 +378,9 @@ class Settings(FileSettings):
     """Identity mapping rules for GCE VMs, first match wins."""
     grpc_handshake_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
     """A connection that has not completed its TLS handshake by then is closed."""
+    grpc_max_connection_age: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(minutes=30)
+    """Clients are asked (GOAWAY) to reconnect after this long, so long-lived connections
+    spread again over workers and replicas; RPCs in flight get a minute to finish."""
     max_in_flight: int = Field(default=512, ge=1)
     """Certificate requests one process works on at once; more get RESOURCE_EXHAUSTED."""
     rate_limit_per_peer: str | None = "500/second"

@@ -284,7 +284,9 @@ async def _start(
     undo.push_async_callback(authenticator.close)
     grpc_server = aio.server(
         options=server_options(
-            handshake_timeout=settings.grpc_handshake_timeout, reuse_port=reuse_port
+            handshake_timeout=settings.grpc_handshake_timeout,
+            reuse_port=reuse_port,
+            max_connection_age=settings.grpc_max_connection_age,
         )
     )
     admission = Admission(

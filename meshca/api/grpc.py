@@ -55,26 +55,42 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 32 * 1024
 IDLE_CONNECTION = timedelta(minutes=5)
+CONNECTION_AGE_GRACE = timedelta(minutes=1)
 MAX_REQUEST_SECONDS = 30.0
 """No request is worked on longer than this, whatever deadline the caller sent (or none)."""
 MAX_VALIDITY_SECONDS = 10 * 365 * 86400
 """Requested lifetimes are capped here before any arithmetic (then by the policy)."""
 
 
-def server_options(*, handshake_timeout: timedelta, reuse_port: bool) -> list[tuple[str, int]]:
+def server_options(
+    *,
+    handshake_timeout: timedelta,
+    reuse_port: bool,
+    max_connection_age: timedelta = timedelta(minutes=30),
+) -> list[tuple[str, int]]:
     """gRPC server channel arguments: size limits, time limits, port sharing.
 
     A client that connects and sends nothing is dropped after ``handshake_timeout``; a
-    connection with no RPC for IDLE_CONNECTION is closed. ``reuse_port`` lets worker
-    processes share a port (SO_REUSEPORT); off, a port already taken is an error.
+    connection with no RPC for IDLE_CONNECTION is closed. A connection older than
+    ``max_connection_age`` gets a GOAWAY (its RPCs in flight have CONNECTION_AGE_GRACE
+    to finish) and the client reconnects, possibly to another worker or replica: without
+    it, the spread of long-lived connections that SO_REUSEPORT or a Kubernetes Service
+    made at connect time never changes. ``reuse_port`` lets worker processes share a
+    port (SO_REUSEPORT); off, a port already taken is an error.
     """
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-        ("grpc.server_handshake_timeout_ms", int(handshake_timeout.total_seconds() * 1000)),
-        ("grpc.max_connection_idle_ms", int(IDLE_CONNECTION.total_seconds() * 1000)),
+        ("grpc.server_handshake_timeout_ms", _ms(handshake_timeout)),
+        ("grpc.max_connection_idle_ms", _ms(IDLE_CONNECTION)),
+        ("grpc.max_connection_age_ms", _ms(max_connection_age)),
+        ("grpc.max_connection_age_grace_ms", _ms(CONNECTION_AGE_GRACE)),
         ("grpc.so_reuseport", int(reuse_port)),
     ]
+
+
+def _ms(value: timedelta) -> int:
+    return max(1, int(value.total_seconds() * 1000))
 
 
 _PERMISSION_REASONS = frozenset({"csr_identity_mismatch"})

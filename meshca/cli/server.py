@@ -150,6 +150,13 @@ DURATION = DurationParam()
     "[default: the number of CPUs].",
 )
 @env_option(
+    "--grpc-max-connection-age",
+    env="GRPC_MAX_CONNECTION_AGE",
+    type=DURATION,
+    help="Ask clients to reconnect after this long (GOAWAY; RPCs in flight get 1m to "
+    "finish), so connections spread again over workers and replicas [default: 30m].",
+)
+@env_option(
     "--max-in-flight",
     env="MAX_IN_FLIGHT",
     type=click.IntRange(1),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import sqlite3
 import statistics
 import time
 from pathlib import Path
@@ -126,6 +127,22 @@ async def test_silent_connections_are_closed(start_ca: StartCA) -> None:
         data = await asyncio.wait_for(loop.sock_recv(sock, 1024), 8)
     assert data == b""  # closed by the server, without our sending a byte
     assert time.monotonic() - started < 8
+
+
+async def test_old_connections_are_told_to_reconnect(start_ca: StartCA, tmp_path: Path) -> None:
+    """After --grpc-max-connection-age the client's channel reconnects by itself: the
+    ledger shows a new source port, and no request failed on the way."""
+    ca = await start_ca(grpc_max_connection_age="1s")
+    token = ca.kube.mint_token("default", "web")
+    for _ in range(4):
+        assert await _attempt(ca, token, make_csr(WEB_ID)[1]) is None
+        await asyncio.sleep(0.8)
+    with sqlite3.connect(tmp_path / "state" / "meshca.db") as db:
+        peers = {
+            row[0]
+            for row in db.execute("SELECT peer_address FROM ledger WHERE spiffe_id = ?", (WEB_ID,))
+        }
+    assert len(peers) >= 2, peers
 
 
 async def test_burst_of_2000_requests_from_200_clients(start_ca: StartCA) -> None:

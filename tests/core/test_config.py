@@ -107,6 +107,7 @@ def test_shorthand_flags_make_one_cluster(monkeypatch: pytest.MonkeyPatch) -> No
         ({"default_cluster": "nope"}, "default_cluster 'nope'"),
         ({"unknown_option": 1}, "unknown_option"),
         ({"grpc_handshake_timeout": "0s"}, "grpc_handshake_timeout"),
+        ({"grpc_max_connection_age": "0s"}, "grpc_max_connection_age"),
         ({"intermediate_name_constraints": True}, "cannot be combined with SVID renewal"),
     ],
 )
