@@ -70,8 +70,11 @@ def verify_meshca(samples: list[dict[str, Any]], bundle: list[x509.Certificate])
     return text if not problems else f"{text}; {problems[0]}"
 
 
-def verify_cfssl(samples: list[dict[str, Any]], root: x509.Certificate) -> str:
-    """Each sampled certificate is signed by the cfssl root and within its validity."""
+def verify_cfssl(
+    samples: list[dict[str, Any]], root: x509.Certificate, issuer: str = "cfssl root"
+) -> str:
+    """Each sampled certificate is signed by ``root`` (cfssl's, or the null CA's) and
+    within its validity."""
     if not samples:
         return "none sampled"
     good = 0
@@ -88,5 +91,5 @@ def verify_cfssl(samples: list[dict[str, Any]], root: x509.Certificate) -> str:
             problems.append("outside its validity")
             continue
         good += 1
-    text = f"{good}/{len(samples)} verify (cfssl root)"
+    text = f"{good}/{len(samples)} verify ({issuer})"
     return text if not problems else f"{text}; {problems[0]}"
