@@ -26,7 +26,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from grpc import aio
@@ -147,6 +147,56 @@ class PrivateUnixSocket:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == inode:
                 os.unlink(self.path)
+
+
+class UnixGrpcServer:
+    """A grpc.aio server on a :class:`PrivateUnixSocket`: the life cycle the SDS and
+    Workload API sinks share (start once, stop with a grace, remove the socket).
+
+    ``what`` names the service in logs ("Envoy SDS").
+    """
+
+    def __init__(
+        self,
+        socket: PrivateUnixSocket,
+        what: str,
+        *,
+        max_request_bytes: int,
+        stop_grace_seconds: float,
+    ) -> None:
+        self.socket = socket
+        self._what = what
+        self._max_request_bytes = max_request_bytes
+        self._stop_grace = stop_grace_seconds
+        self._server: aio.Server | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    async def start(self, register: Callable[[aio.Server], None]) -> None:
+        """``register`` adds the servicer; then bind and serve. If binding fails the
+        server is stopped again and the error raised. RuntimeError if already started."""
+        if self._server is not None:
+            raise RuntimeError(f"the {self._what} server is already started")
+        server = aio.server(options=[("grpc.max_receive_message_length", self._max_request_bytes)])
+        register(server)
+        self._server = server
+        try:
+            await self.socket.serve(server)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("serving %s on unix://%s", self._what, self.socket.path)
+
+    async def stop(self) -> None:
+        """Stop serving (streams get the grace) and remove the socket if still ours."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await server.stop(self._stop_grace)
+        self.socket.remove()
+        log.info("stopped %s on unix://%s", self._what, self.socket.path)
 
 
 def _listening(path: Path) -> bool:

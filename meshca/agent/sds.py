@@ -73,7 +73,7 @@ from meshca.agent._sds_protocol import (
     fetch_names,
     new_nonce,
 )
-from meshca.agent._unix_socket import PrivateUnixSocket
+from meshca.agent._unix_socket import PrivateUnixSocket, UnixGrpcServer
 from meshca.agent.credentials import CredentialStore, X509Credentials
 
 log = logging.getLogger(__name__)
@@ -313,16 +313,20 @@ class SdsServer:
         owner: str | int | None = None,
         group: str | int | None = None,
     ) -> None:
-        self._socket = PrivateUnixSocket(
-            socket_path, mode=socket_mode, owner=owner, group=group, label="SDS socket"
+        self._grpc = UnixGrpcServer(
+            PrivateUnixSocket(
+                socket_path, mode=socket_mode, owner=owner, group=group, label="SDS socket"
+            ),
+            "Envoy SDS",
+            max_request_bytes=MAX_REQUEST_BYTES,
+            stop_grace_seconds=STOP_GRACE_SECONDS,
         )
-        self._server: aio.Server | None = None
         self._servicer: _SecretDiscoveryServicer | None = None
         self._stopping: asyncio.Future[None] | None = None
 
     @property
     def socket_path(self) -> Path:
-        return self._socket.path
+        return self._grpc.socket.path
 
     def streams(self) -> tuple[SdsStreamStatus, ...]:
         """The StreamSecrets streams open now."""
@@ -332,27 +336,18 @@ class SdsServer:
 
     async def start(self, store: CredentialStore) -> None:
         """Bind the socket (see :mod:`meshca.agent._unix_socket`) and serve ``store``."""
-        if self._server is not None:
-            raise RuntimeError("the SDS server is already started")
-        self._stopping = asyncio.get_running_loop().create_future()
-        self._servicer = _SecretDiscoveryServicer(store, self._stopping)
-        server = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer, server)
-        self._server = server
-        try:
-            await self._socket.serve(server)
-        except BaseException:
-            await self.stop()
-            raise
-        log.info("serving Envoy SDS on unix://%s", self.socket_path)
+
+        def register(server: aio.Server) -> None:
+            self._stopping = asyncio.get_running_loop().create_future()
+            self._servicer = _SecretDiscoveryServicer(store, self._stopping)
+            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer, server)
+
+        await self._grpc.start(register)
 
     async def stop(self) -> None:
         """End every stream (UNAVAILABLE), stop serving, remove the socket if still ours."""
-        server, self._server = self._server, None
-        if server is None:
+        if not self._grpc.running:
             return
         if self._stopping is not None and not self._stopping.done():
             self._stopping.set_result(None)
-        await server.stop(STOP_GRACE_SECONDS)
-        self._socket.remove()
-        log.info("stopped Envoy SDS on unix://%s", self.socket_path)
+        await self._grpc.stop()

@@ -50,7 +50,7 @@ from typing import NoReturn, TypeVar
 import grpc
 from grpc import aio
 
-from meshca.agent._unix_socket import PrivateUnixSocket
+from meshca.agent._unix_socket import PrivateUnixSocket, UnixGrpcServer
 from meshca.agent.credentials import CredentialStore, X509Credentials
 from meshca.api._proto import workload_pb2, workload_pb2_grpc
 
@@ -207,16 +207,24 @@ class WorkloadApiServer:
         owner: int | str | None = None,
         group: int | str | None = None,
     ) -> None:
-        self._socket = PrivateUnixSocket(
-            socket_path, mode=socket_mode, owner=owner, group=group, label="workload API socket"
+        self._grpc = UnixGrpcServer(
+            PrivateUnixSocket(
+                socket_path,
+                mode=socket_mode,
+                owner=owner,
+                group=group,
+                label="workload API socket",
+            ),
+            "the SPIFFE Workload API",
+            max_request_bytes=MAX_REQUEST_BYTES,
+            stop_grace_seconds=STOP_GRACE_SECONDS,
         )
-        self._server: aio.Server | None = None
         self._servicer: _WorkloadApiServicer | None = None
         self._stopping = asyncio.Event()
 
     @property
     def socket_path(self) -> Path:
-        return self._socket.path
+        return self._grpc.socket.path
 
     @property
     def open_streams(self) -> int:
@@ -225,26 +233,17 @@ class WorkloadApiServer:
 
     async def start(self, store: CredentialStore) -> None:
         """Bind the socket, replacing a stale one, and serve ``store``'s credentials."""
-        if self._server is not None:
-            raise RuntimeError("the workload API server is already started")
-        self._stopping.clear()
-        self._servicer = _WorkloadApiServicer(store, self._stopping)
-        server = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
-        self._server = server
-        try:
-            await self._socket.serve(server)
-        except BaseException:
-            await self.stop()
-            raise
-        log.info("serving the SPIFFE Workload API on unix://%s", self.socket_path)
+
+        def register(server: aio.Server) -> None:
+            self._stopping.clear()
+            self._servicer = _WorkloadApiServicer(store, self._stopping)
+            workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
+
+        await self._grpc.start(register)
 
     async def stop(self) -> None:
         """End every stream, stop serving and remove the socket (if it is still ours)."""
-        server, self._server = self._server, None
-        if server is None:
+        if not self._grpc.running:
             return
         self._stopping.set()
-        await server.stop(STOP_GRACE_SECONDS)
-        self._socket.remove()
-        log.info("stopped the SPIFFE Workload API on unix://%s", self.socket_path)
+        await self._grpc.stop()

@@ -401,6 +401,27 @@ async def test_a_socket_in_use_is_refused_and_keeps_serving(
     assert response.version_info == "1"
 
 
+async def test_a_second_start_is_refused_and_a_failed_start_can_be_retried(
+    sds: SdsServer, sock_dir: Path, store: CredentialStore, ca: LocalCA
+) -> None:
+    await ca.publish(store)
+    with pytest.raises(RuntimeError, match="already started"):
+        await sds.start(store)
+    assert (await fetch_secrets(sds.socket_path)).version_info == "1"
+    blocked = sock_dir / "later.sock"
+    blocked.write_text("in the way")
+    server = SdsServer(blocked)
+    with pytest.raises(ConfigError, match="is not a socket"):
+        await server.start(store)
+    blocked.unlink()
+    await server.start(store)  # nothing was left half-started
+    try:
+        assert (await fetch_secrets(blocked)).version_info == "1"
+    finally:
+        await server.stop()
+    assert not blocked.exists()
+
+
 async def test_bad_paths_and_owners_are_refused(sock_dir: Path, store: CredentialStore) -> None:
     regular = sock_dir / "not-a-socket"
     regular.write_text("keep me")
