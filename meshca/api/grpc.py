@@ -16,7 +16,9 @@ Callers see a message naming their own mistake; for failures inside the CA (data
 signer, an unreachable token issuer) they see only what happened and that they may retry,
 while the details (URLs, driver errors) go to the CA's log.
     OverloadError                       -> RESOURCE_EXHAUSTED, with a google.rpc.RetryInfo
-    the caller's deadline passed        -> DEADLINE_EXCEEDED (the work is abandoned)
+    the caller's deadline passed        -> DEADLINE_EXCEEDED (the work is abandoned; if
+                                           gRPC cancelled the handler first, it is only
+                                           counted and logged)
 """
 
 from __future__ import annotations
@@ -227,6 +229,18 @@ class CertificateFrontend:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the caller's deadline passed before the certificate was issued",
             )
+        except asyncio.CancelledError:
+            # gRPC cancels the handler itself when the caller's deadline passes (it may
+            # beat the timeout above) or the caller goes away. The work is abandoned
+            # either way; count and log it like any other refusal, then let it unwind.
+            remaining = context.time_remaining()
+            reason = (
+                "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            )
+            self.metrics.refused.labels(api, reason).inc()
+            self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
+            log.info("abandoned %s request from %s: %s", api, peer.address, reason)
+            raise
         except OverloadError as exc:
             retry = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=exc.message)
             info = error_details_pb2.RetryInfo()

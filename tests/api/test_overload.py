@@ -4,6 +4,7 @@ time limits on connections, and a burst that every client survives by retrying."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import sqlite3
@@ -100,6 +101,33 @@ async def test_work_stops_when_the_callers_deadline_passes(start_ca: StartCA) ->
         assert 'meshca_requests_refused_total{api="istio",reason="deadline_exceeded"} 1.0' in (
             metrics
         )
+        assert ca.ledger_rows() == before
+
+
+async def test_a_caller_that_goes_away_is_counted_and_nothing_is_issued(
+    start_ca: StartCA,
+) -> None:
+    async with FakeKubeApi(expected_bearer=None) as slow:
+        slow.delay = 1.5
+        ca = await start_ca(k8s_api_server=slow.url)
+        before = ca.ledger_rows()
+        call = create_certificate(
+            ca.channel, make_csr(WEB_ID)[1], token=slow.mint_token("default", "web")
+        )
+        task = asyncio.ensure_future(call)
+        await asyncio.sleep(0.3)  # the CA is waiting on the slow TokenReview now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        needle = 'meshca_requests_refused_total{api="istio",reason="cancelled"} 1.0'
+        metrics = ""
+        for _ in range(50):  # the cancellation reaches the server asynchronously
+            _, metrics = await ca.get("/metrics")
+            if needle in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert needle in metrics
+        await asyncio.sleep(1.5)  # past the TokenReview answer: still nothing issued
         assert ca.ledger_rows() == before
 
 
