@@ -1,7 +1,7 @@
 """The certificate profile: what meshca's roots, intermediates and X509-SVIDs contain.
 
 Rules come from RFC 5280 and the SPIFFE X509-SVID specification (cited per section
-below), as summarised in design.md, "Certificate profile":
+below):
 
 - Every certificate: a critical KeyUsage (RFC 5280 4.2.1.3, X509-SVID 4.3); a Subject Key
   Identifier (4.2.1.2) and an Authority Key Identifier (4.2.1.1) taken from the issuer's
