@@ -12,6 +12,7 @@ Every refusal is a :class:`~meshca.errors.CSRError` whose ``reason`` is one of:
 ``csr_too_large``          more than :data:`MAX_CSR_BYTES` bytes (checked before parsing)
 ``csr_malformed``          not one PEM block or one DER structure of a PKCS#10 request
 ``csr_key_not_allowed``    a key other than ECDSA P-256/P-384 or RSA 2048/3072/4096
+``csr_weak_signature``     signed with a digest other than SHA-256/384/512 (SHA-1, MD5)
 ``csr_bad_signature``      the self-signature does not verify: no proof of possession
 ``csr_identity_mismatch``  a URI SAN other than the caller's SPIFFE ID
 ``csr_extra_san``          a second URI SAN, or any DNS, IP, email or other SAN
@@ -25,7 +26,7 @@ import hashlib
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
@@ -40,6 +41,7 @@ REASONS = (
     "csr_too_large",
     "csr_malformed",
     "csr_key_not_allowed",
+    "csr_weak_signature",
     "csr_bad_signature",
     "csr_identity_mismatch",
     "csr_extra_san",
@@ -55,6 +57,14 @@ ALLOWED_EXTENSIONS = {
 }
 
 _PEM_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
+
+ALLOWED_SIGNATURE_HASHES: dict[type[hashes.HashAlgorithm], str] = {
+    hashes.SHA256: "SHA-256",
+    hashes.SHA384: "SHA-384",
+    hashes.SHA512: "SHA-512",
+}
+"""Digests a CSR's self-signature may use. SHA-1 and MD5 admit chosen-prefix collisions,
+so a signature over them no longer proves possession of the key (RFC 6151, RFC 9155)."""
 
 # What cryptography raises on a structure it cannot read. None of these mean a bug in
 # meshca: they all mean the caller sent something that is not a usable request.
@@ -113,6 +123,13 @@ def _check_single_pem_block(data: bytes) -> None:
     if label not in _PEM_LABELS:
         shown = label.decode("ascii", "replace")[:40]
         raise _malformed(f"the PEM block is {shown!r}, not 'CERTIFICATE REQUEST'")
+    for line in text.splitlines()[1:-1]:
+        if b":" in line:
+            header = line.split(b":", 1)[0].strip().decode("ascii", "replace")[:40]
+            raise _malformed(
+                f"the PEM block has an RFC 1421 header ({header!r}); RFC 7468 PEM carries "
+                "only base64 (an encrypted or annotated block is not a certificate request)"
+            )
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
@@ -173,7 +190,19 @@ def _key_oid(csr: x509.CertificateSigningRequest) -> str:
 
 
 def _check_signature(csr: x509.CertificateSigningRequest) -> None:
-    """RFC 2986 section 3: the request is signed with the subject's own private key."""
+    """RFC 2986 section 3: the request is signed with the subject's own private key,
+    with a digest from :data:`ALLOWED_SIGNATURE_HASHES`."""
+    try:
+        digest = csr.signature_hash_algorithm
+    except _PARSE_ERRORS:
+        digest = None  # an unknown algorithm: the verification below fails and says so
+    if digest is not None and type(digest) not in ALLOWED_SIGNATURE_HASHES:
+        allowed = ", ".join(ALLOWED_SIGNATURE_HASHES.values())
+        raise CSRError(
+            f"CSR is signed with {_digest_name(digest)}, which is refused; allowed: "
+            f"{allowed}; sign the CSR again with one of them (e.g. openssl req -sha256)",
+            reason="csr_weak_signature",
+        )
     try:
         valid = csr.is_signature_valid
     except _PARSE_ERRORS:
@@ -184,6 +213,11 @@ def _check_signature(csr: x509.CertificateSigningRequest) -> None:
             "prove possession of the private key; sign the CSR with the key it carries",
             reason="csr_bad_signature",
         )
+
+
+def _digest_name(digest: hashes.HashAlgorithm) -> str:
+    names = {"sha1": "SHA-1", "md5": "MD5", "sha224": "SHA-224"}
+    return names.get(digest.name, digest.name.upper())
 
 
 def _check_san(san: x509.SubjectAlternativeName, expected: SpiffeId) -> None:
@@ -236,11 +270,12 @@ def check_csr(csr: x509.CertificateSigningRequest, expected: SpiffeId) -> Public
     """Check that ``csr`` may be signed for the caller ``expected``; return its public key.
 
     In order: the key is an allowed algorithm and size (design: "Keys"); the signature
-    verifies (proof of possession, RFC 2986 section 3); the extension request holds only
-    subjectAltName, basicConstraints with CA:false, keyUsage without keyCertSign or
-    cRLSign, and extendedKeyUsage; the SAN, if present, holds at most one name, a URI
-    equal to ``expected``. The subject DN is ignored: the CA sets its own. Raises
-    CSRError with one of the reasons listed in this module's docstring.
+    uses SHA-256, SHA-384 or SHA-512 and verifies (proof of possession, RFC 2986
+    section 3); the extension request holds only subjectAltName, basicConstraints with
+    CA:false, keyUsage without keyCertSign or cRLSign, and extendedKeyUsage; the SAN, if
+    present, holds at most one name, a URI equal to ``expected``. The subject DN is
+    ignored: the CA sets its own. Raises CSRError with one of the reasons listed in this
+    module's docstring.
     """
     key = _check_key(csr)
     _check_signature(csr)

@@ -44,6 +44,8 @@ VECTOR_REASONS = {
     "csr-non-spiffe-uri.pem": "csr_identity_mismatch",
     "csr-unknown-extension.pem": "csr_unknown_extension",
     "csr-name-constraints.pem": "csr_unknown_extension",
+    "csr-signed-with-sha1.pem": "csr_weak_signature",
+    "csr-signed-with-md5.pem": "csr_weak_signature",
     "csr-bad-signature.pem": "csr_bad_signature",
     "csr-not-pem.txt": "csr_malformed",
     "csr-empty.txt": "csr_malformed",
@@ -54,6 +56,7 @@ VECTOR_REASONS = {
     "csr-two-pem-blocks.pem": "csr_malformed",
     "csr-certificate-not-csr.pem": "csr_malformed",
     "csr-bad-base64.pem": "csr_malformed",
+    "csr-pem-encrypted-headers.pem": "csr_malformed",
     "csr-oversize.pem": "csr_too_large",
 }
 
@@ -126,6 +129,32 @@ def test_extra_san_message_names_the_extra_name() -> None:
     assert "DNS:evil.example.com" in refuse((VECTORS / "csr-dns-san.pem").read_bytes()).message
 
 
+@pytest.mark.parametrize(
+    ("name", "algorithm"),
+    [("csr-signed-with-sha1.pem", "SHA-1"), ("csr-signed-with-md5.pem", "MD5")],
+)
+def test_weak_signature_digest_is_named_not_called_a_bad_signature(
+    name: str, algorithm: str
+) -> None:
+    error = refuse((VECTORS / name).read_bytes())
+    assert error.message.startswith(f"CSR is signed with {algorithm}, which is refused; ")
+    assert "allowed: SHA-256, SHA-384, SHA-512" in error.message
+    assert "possession" not in error.message
+
+
+def test_pem_encapsulated_headers_are_named() -> None:
+    error = refuse((VECTORS / "csr-pem-encrypted-headers.pem").read_bytes())
+    assert "RFC 1421 header ('Proc-Type')" in error.message
+
+
+@pytest.mark.parametrize("digest", ["-sha256", "-sha384", "-sha512"])
+@needs_openssl
+def test_csr_signed_with_an_allowed_digest_is_accepted(tmp_path: Path, digest: str) -> None:
+    private = key(KeyAlgorithm.EC_P256, 0)
+    data = _openssl_csr(tmp_path, private, f"subjectAltName=URI:{CALLER}", digest=digest)
+    assert check_csr(load_csr(data), CALLER) == private.public_key()
+
+
 def test_oversize_is_refused_before_parsing() -> None:
     # Not even PEM: if the size were checked after parsing this would be csr_malformed.
     error = refuse(b"\x00" * (MAX_CSR_BYTES + 1))
@@ -188,7 +217,9 @@ def test_pem_with_surrounding_whitespace_and_crlf_is_accepted() -> None:
     check_csr(load_csr(b"\r\n  " + text.replace(b"\n", b"\r\n") + b"\r\n\r\n"), CALLER)
 
 
-def _openssl_csr(tmp_path: Path, private: PrivateKey, *addext: str) -> bytes:
+def _openssl_csr(
+    tmp_path: Path, private: PrivateKey, *addext: str, digest: str = "-sha256"
+) -> bytes:
     key_file = tmp_path / "key.pem"
     key_file.write_bytes(
         private.private_bytes(
@@ -197,7 +228,7 @@ def _openssl_csr(tmp_path: Path, private: PrivateKey, *addext: str) -> bytes:
             serialization.NoEncryption(),
         )
     )
-    args = [OPENSSL, "req", "-new", "-key", str(key_file), "-subj", "/CN=workload"]
+    args = [OPENSSL, "req", "-new", digest, "-key", str(key_file), "-subj", "/CN=workload"]
     for value in addext:
         args += ["-addext", value]
     return subprocess.run(args, capture_output=True, check=True, timeout=30).stdout

@@ -1,17 +1,21 @@
 """Regenerate the bad-CSR corpus in this directory.
 
-    .venv/bin/python tests/vectors/csr/make_vectors.py
+    .venv/bin/python tests/vectors/csr/make_vectors.py [NAME ...]
 
-Every file is named after its defect; README.md says how each was made and which
-CSRError reason meshca must give. The caller these CSRs are checked against is
-spiffe://cluster.local/ns/default/sa/workload. Keys are fresh on every run, so the bytes
-change but the defects do not; commit the output.
+With names, only those files are written. Every file is named after its defect;
+README.md says how each was made and which CSRError reason meshca must give. The caller
+these CSRs are checked against is spiffe://cluster.local/ns/default/sa/workload. Keys are
+fresh on every run, so the bytes change but the defects do not; commit the output.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
+import shutil
+import subprocess
+import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -152,6 +156,9 @@ VECTORS: dict[str, Callable[[], bytes]] = {
             ],
         )
     ),
+    # csr_weak_signature (OpenSSL 3 refuses MD5 with ECDSA keys, so that one is RSA)
+    "csr-signed-with-sha1.pem": lambda: openssl_csr(p256(), "-sha1"),
+    "csr-signed-with-md5.pem": lambda: openssl_csr(rsa.generate_private_key(65537, 2048), "-md5"),
     # csr_bad_signature
     "csr-bad-signature.pem": lambda: serialization_pem(flip_last_byte(der(good()))),
     # csr_malformed
@@ -164,6 +171,7 @@ VECTORS: dict[str, Callable[[], bytes]] = {
     "csr-two-pem-blocks.pem": lambda: pem(good()) + pem(good()),
     "csr-certificate-not-csr.pem": lambda: certificate_pem(),
     "csr-bad-base64.pem": lambda: pem(good()).replace(b"M", b"!", 1),
+    "csr-pem-encrypted-headers.pem": lambda: rfc1421_headers(pem(good())),
     # csr_too_large
     "csr-oversize.pem": oversize,
 }
@@ -175,6 +183,33 @@ def serialization_pem(data: bytes) -> bytes:
     return (
         f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n".encode()
     )
+
+
+def openssl_csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, digest: str) -> bytes:
+    """A CSR made by the openssl command line, signed with ``digest`` (e.g. ``-sha1``)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SystemExit("openssl is needed for the weak-signature vectors")
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "key.pem"
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        args = [openssl, "req", "-new", digest, "-key", str(key_file), "-subj", "/CN=workload"]
+        args += ["-addext", f"subjectAltName=URI:{CALLER}"]
+        return subprocess.run(args, capture_output=True, check=True, timeout=30).stdout
+
+
+def rfc1421_headers(data: bytes) -> bytes:
+    """A good PEM CSR with RFC 1421 encapsulated headers after its BEGIN line (the body
+    is not actually encrypted: a lenient parser ignores the headers and accepts it)."""
+    begin, rest = data.split(b"\n", 1)
+    headers = b"Proc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n"
+    return begin + b"\n" + headers + rest
 
 
 def certificate_pem() -> bytes:
@@ -194,11 +229,16 @@ def certificate_pem() -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def main() -> None:
+def main(names: Sequence[str]) -> None:
+    unknown = set(names) - set(VECTORS)
+    if unknown:
+        raise SystemExit(f"no such vector: {', '.join(sorted(unknown))}")
     for name, make in VECTORS.items():
+        if names and name not in names:
+            continue
         (HERE / name).write_bytes(make())
         print(f"wrote {name}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
