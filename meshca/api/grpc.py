@@ -4,6 +4,8 @@ translated to the CA's domain calls.
 This module is the only place where meshca errors become gRPC status codes:
 
     AuthenticationError                 -> UNAUTHENTICATED
+    a body protobuf cannot decode,
+    an invalid Duration, a bad request_id -> INVALID_ARGUMENT (checked before authentication)
     PolicyError (request_id reused)     -> ALREADY_EXISTS
     PolicyError (anything else)         -> PERMISSION_DENIED
     CSRError (identity mismatch)        -> PERMISSION_DENIED
@@ -39,6 +41,12 @@ from grpc_status import rpc_status
 
 from meshca.api._proto import istioca_pb2, istioca_pb2_grpc, meshca_pb2, meshca_pb2_grpc
 from meshca.api.admission import Admission, AdmissionLimits
+from meshca.api.wire import (
+    InvalidDurationError,
+    Undecodable,
+    duration_to_timedelta,
+    tolerant_deserializer,
+)
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.ca.authority import Authority, IssueRequest
 from meshca.errors import (
@@ -158,7 +166,19 @@ def peer_certificates(context: aio.ServicerContext[object, object]) -> tuple[x50
 
 
 def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Credential:
-    """Read ``authorization: Bearer <token>`` and the optional ``clusterid`` header."""
+    """Read ``authorization: Bearer <token>`` and the optional ``clusterid`` header.
+
+    More than one ``authorization`` header is refused: which one a proxy or a server
+    honours differs, so a second header is either a mistake or an attempt to smuggle a
+    credential past something that checked the first.
+    """
+    authorizations = sum(1 for key, _ in metadata if key.lower() == "authorization")
+    if authorizations > 1:
+        raise AuthenticationError(
+            f"the request has {authorizations} authorization headers; send exactly one "
+            "('authorization: Bearer <token>')",
+            reason="duplicate_authorization",
+        )
     token: str | None = None
     cluster: str | None = None
     for key, value in metadata:
@@ -290,6 +310,18 @@ class CertificateFrontend:
         )
         return issued.chain_pem
 
+    async def refuse_request(
+        self,
+        api: str,
+        context: aio.ServicerContext[object, object],
+        reason: str,
+        message: str,
+    ) -> NoReturn:
+        """Refuse a request whose fields are invalid (INVALID_ARGUMENT), before any work."""
+        peer = Peer(address=peer_address(context))
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        await self._refuse(api, peer, time.perf_counter(), context, reason, code, message)
+
     async def _authenticate(
         self, peer: Peer, context: aio.ServicerContext[object, object]
     ) -> Attestation:
@@ -332,9 +364,13 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
 
     async def CreateCertificate(  # noqa: N802 - name fixed by the wire contract
         self,
-        request: istioca_pb2.IstioCertificateRequest,
+        request: istioca_pb2.IstioCertificateRequest | Undecodable,
         context: aio.ServicerContext[object, object],
     ) -> istioca_pb2.IstioCertificateResponse:
+        if isinstance(request, Undecodable):
+            await self._frontend.refuse_request(
+                self.API, context, "undecodable_request", request.message
+            )
         if request.HasField("metadata") and "ImpersonatedIdentity" in request.metadata.fields:
             self._frontend.metrics.refused.labels(self.API, "impersonation").inc()
             await context.abort(
@@ -342,6 +378,7 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
                 "impersonated identities are not supported: each workload must present "
                 "its own credential",
             )
+        # Zero or negative means "the default", as in Istio's own CA (pki/ca.go sign()).
         seconds = min(request.validity_duration, MAX_VALIDITY_SECONDS)
         ttl = timedelta(seconds=seconds) if seconds > 0 else None
         chain = await self._frontend.create(
@@ -360,20 +397,35 @@ class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  #
 
     async def CreateCertificate(  # noqa: N802 - name fixed by the wire contract
         self,
-        request: meshca_pb2.MeshCertificateRequest,
+        request: meshca_pb2.MeshCertificateRequest | Undecodable,
         context: aio.ServicerContext[object, object],
     ) -> meshca_pb2.MeshCertificateResponse:
+        frontend = self._frontend
+        if isinstance(request, Undecodable):
+            await frontend.refuse_request(self.API, context, "undecodable_request", request.message)
         request_id = self._request_id(request.request_id)
         if request_id is None:
-            self._frontend.metrics.refused.labels(self.API, "invalid_request_id").inc()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await frontend.refuse_request(
+                self.API,
+                context,
+                "invalid_request_id",
                 f"request_id {request.request_id[:64]!r} must be a UUID other than the zero UUID",
             )
         ttl: timedelta | None = None
-        if request.HasField("validity") and request.validity.seconds >= 0:
-            seconds = min(request.validity.seconds, MAX_VALIDITY_SECONDS)
-            ttl = timedelta(seconds=seconds, microseconds=request.validity.nanos // 1000)
+        if request.HasField("validity"):
+            try:
+                ttl = duration_to_timedelta(request.validity, "validity")
+            except InvalidDurationError as exc:
+                await frontend.refuse_request(self.API, context, "invalid_validity", str(exc))
+            if ttl < timedelta(0):
+                await frontend.refuse_request(
+                    self.API,
+                    context,
+                    "invalid_validity",
+                    f"validity is negative ({ttl.total_seconds():g}s); send a positive "
+                    "duration, or no validity for the CA's default",
+                )
+            ttl = min(ttl, timedelta(seconds=MAX_VALIDITY_SECONDS))
         chain = await self._frontend.create(
             self.API,
             IssueRequest(csr=request.csr, requested_ttl=ttl, request_id=request_id),
@@ -392,9 +444,32 @@ class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  #
 
 
 def add_services(server: aio.Server, frontend: CertificateFrontend) -> None:
-    istioca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(
-        IstioCertificateService(frontend), server
-    )
-    meshca_pb2_grpc.add_MeshCertificateServiceServicer_to_server(
-        MeshCertificateService(frontend), server
-    )
+    """Register both services, with request bodies decoded by the handlers' rules.
+
+    The generated ``add_*_to_server`` functions decode with ``FromString``, whose errors
+    grpcio turns into UNKNOWN before the handler runs; the same registration with
+    :func:`~meshca.api.wire.tolerant_deserializer` lets the handler say what was wrong.
+    """
+    istio = IstioCertificateService(frontend)
+    mesh = MeshCertificateService(frontend)
+    services = {
+        "istio.v1.auth.IstioCertificateService": grpc.unary_unary_rpc_method_handler(
+            istio.CreateCertificate,
+            request_deserializer=tolerant_deserializer(
+                istioca_pb2.IstioCertificateRequest, "istio.v1.auth.IstioCertificateRequest"
+            ),
+            response_serializer=istioca_pb2.IstioCertificateResponse.SerializeToString,
+        ),
+        "google.security.meshca.v1.MeshCertificateService": grpc.unary_unary_rpc_method_handler(
+            mesh.CreateCertificate,
+            request_deserializer=tolerant_deserializer(
+                meshca_pb2.MeshCertificateRequest,
+                "google.security.meshca.v1.MeshCertificateRequest",
+            ),
+            response_serializer=meshca_pb2.MeshCertificateResponse.SerializeToString,
+        ),
+    }
+    for name, handler in services.items():
+        methods = {"CreateCertificate": handler}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+        server.add_registered_method_handlers(name, methods)

@@ -280,3 +280,63 @@ async def test_unreachable_issuer_is_unavailable_without_internal_details(
     details = err.details() or ""
     assert "retry later" in details
     assert "127.0.0.1" not in details and "http" not in details
+
+
+async def test_two_authorization_headers_are_refused_and_counted(ca: CA) -> None:
+    """Which of two headers a proxy or server honours differs: refuse, never pick one."""
+    token = ca.kube.mint_token("default", "web")
+    stub = istioca_pb2_grpc.IstioCertificateServiceStub(ca.channel)
+    before = ca.ledger_rows()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateCertificate(
+            istioca_pb2.IstioCertificateRequest(csr=make_csr(WEB_ID)[1]),
+            metadata=[
+                ("authorization", "Bearer not-a-token"),
+                ("authorization", f"Bearer {token}"),
+            ],
+            timeout=10,
+        )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details() == (
+        "the request has 2 authorization headers; send exactly one "
+        "('authorization: Bearer <token>')"
+    )
+    assert ca.ledger_rows() == before
+    _, metrics = await ca.get("/metrics")
+    assert 'meshca_authentication_failures_total{reason="duplicate_authorization"} 1.0' in metrics
+
+
+def _string_field(number: int, value: bytes) -> bytes:
+    """A protobuf length-delimited field (value shorter than 128 bytes)."""
+    assert len(value) < 128
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+async def test_invalid_utf8_in_a_string_field_is_invalid_argument(ca: CA) -> None:
+    token = ca.kube.mint_token("default", "web")
+    call = ca.channel.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(
+            _string_field(1, b"-----BEGIN \xff\xfe"),  # csr = 1, not UTF-8
+            metadata=[("authorization", f"Bearer {token}")],
+            timeout=10,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        "request is not a valid istio.v1.auth.IstioCertificateRequest: String field had bad "
+        "UTF-8; encode it with a protobuf library (string fields must be UTF-8)"
+    )
+    _, metrics = await ca.get("/metrics")
+    assert 'meshca_requests_refused_total{api="istio",reason="undecodable_request"} 1.0' in metrics
+
+
+async def test_negative_validity_duration_gets_the_default_as_with_istio(ca: CA) -> None:
+    chain = await create_certificate(
+        ca.channel,
+        make_csr(WEB_ID)[1],
+        token=ca.kube.mint_token("default", "web"),
+        validity_seconds=-600,
+    )
+    leaf = load_chain(chain)[0]
+    issued_at = leaf.not_valid_before_utc + timedelta(minutes=5)  # notBefore is backdated
+    assert abs((leaf.not_valid_after_utc - issued_at) - timedelta(hours=1)) < timedelta(seconds=30)

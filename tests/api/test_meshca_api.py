@@ -9,7 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
+from meshca.api._proto.meshca_pb2 import MeshCertificateRequest
 from tests.api.conftest import CA
 from tests.support import (
     load_chain,
@@ -139,3 +141,76 @@ async def test_sub_second_validity_gets_at_least_a_second(ca: CA) -> None:
     )
     leaf = load_chain(list(response.cert_chain))[0]
     assert leaf.not_valid_after_utc > leaf.not_valid_before_utc
+
+
+async def _mesh_refusal(ca: CA, body: bytes | MeshCertificateRequest) -> grpc.aio.AioRpcError:
+    token = ca.kube.mint_token("default", "web")
+    data = body if isinstance(body, bytes) else body.SerializeToString()
+    call = ca.channel.unary_unary(
+        "/google.security.meshca.v1.MeshCertificateService/CreateCertificate"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(data, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "rule"),
+    [
+        (
+            0,
+            2_000_000_000,
+            "nanos is 2000000000; allowed: -999999999 to 999999999 "
+            "(carry whole seconds into seconds)",
+        ),
+        (
+            600,
+            -1,
+            "seconds (600) and nanos (-1) have different signs; they must have the same "
+            "sign, or one of them be zero",
+        ),
+        (
+            -600,
+            1,
+            "seconds (-600) and nanos (1) have different signs; they must have the same "
+            "sign, or one of them be zero",
+        ),
+        (315_576_000_001, 0, "seconds is 315576000001; allowed: -315576000000 to 315576000000"),
+    ],
+)
+async def test_invalid_validity_duration_is_refused_naming_the_rule(
+    ca: CA, seconds: int, nanos: int, rule: str
+) -> None:
+    request = MeshCertificateRequest(
+        request_id=str(uuid.uuid4()),
+        csr=make_csr(WEB_ID)[1],
+        validity=Duration(seconds=seconds, nanos=nanos),
+    )
+    before = ca.ledger_rows()
+    err = await _mesh_refusal(ca, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == f"validity is not a valid google.protobuf.Duration: {rule}"
+    assert ca.ledger_rows() == before
+    _, metrics = await ca.get("/metrics")
+    assert 'meshca_requests_refused_total{api="meshca",reason="invalid_validity"} 1.0' in metrics
+
+
+async def test_negative_validity_is_refused(ca: CA) -> None:
+    request = MeshCertificateRequest(
+        request_id=str(uuid.uuid4()),
+        csr=make_csr(WEB_ID)[1],
+        validity=Duration(seconds=-600, nanos=-5),
+    )
+    err = await _mesh_refusal(ca, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith("validity is negative (-600s); send a positive")
+
+
+async def test_invalid_utf8_in_request_id_is_invalid_argument(ca: CA) -> None:
+    body = bytes([0x0A, 4]) + b"\xc3\x28ab"  # request_id = 1, not UTF-8
+    err = await _mesh_refusal(ca, body)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith(
+        "request is not a valid google.security.meshca.v1.MeshCertificateRequest: "
+        "String field had bad UTF-8"
+    )
