@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -37,6 +39,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from meshca.config_problems import describe, syntax_error
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
@@ -305,19 +308,15 @@ def load_from_sources(
         return cls(**given)
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix", ""))
-        problems = "; ".join(_describe(err, prefix) for err in exc.errors())
+        problems = "; ".join(describe(err, cls, prefix) for err in exc.errors())
         raise ConfigError(f"invalid {what}: {problems}") from exc
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        assert config_file is not None  # only a config file is parsed as YAML or TOML
+        raise syntax_error(config_file, exc) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {what}: {exc}") from exc
     finally:
         _CONFIG_FILE.pop("path", None)
-
-
-def _describe(err: Any, env_prefix: str) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    if err["type"] == "missing" and len(err["loc"]) == 1:
-        return f"{where}: required (set --{where.replace('_', '-')} or {env_prefix}{where.upper()})"
-    return f"{where}: {str(err['msg']).removeprefix('Value error, ')}"
 
 
 class Settings(FileSettings):

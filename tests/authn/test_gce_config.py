@@ -138,7 +138,7 @@ def test_a_bad_configuration_is_one_line_naming_the_rule(tmp_path: Path) -> None
             {"gce_rules": [{**WEB_RULE, "service_account": "web"}]},
             "service_account 'web' must be an email",
         ),
-        ({"gce_rules": [{**WEB_RULE, "colour": "blue"}]}, "gce_rules.0.colour: Extra inputs"),
+        ({"gce_rules": [{**WEB_RULE, "colour": "blue"}]}, "gce_rules.0.colour: unknown setting"),
         ({"gce_rules": [{"project": "meshca-vms"}]}, "gce_rules.0.spiffe_id: Field required"),
         ({"gce_projects": ["My_Project"]}, "'My_Project' is not a GCE project id"),
         ({"gce_projects": []}, "gce_rules are set but gce_projects is empty"),

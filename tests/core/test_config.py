@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshca.cli.main import main
 from meshca.config import JwtCluster, TokenReviewCluster, load_settings
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError
@@ -126,3 +129,63 @@ def test_missing_or_unknown_config_file(tmp_path: Path) -> None:
     odd.write_text("x")
     with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
         load_settings(odd)
+
+
+def _config_problem(tmp_path: Path, text: str, name: str = "meshca.yaml") -> str:
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, state_dir=tmp_path / "state")
+    return info.value.message
+
+
+def test_mistyped_keys_get_a_did_you_mean_at_every_level(tmp_path: Path) -> None:
+    message = _config_problem(
+        tmp_path,
+        "trust_domian: example.org\n"
+        "signer:\n  kind: pkcs11\n  modul: /usr/lib/softhsm/libsofthsm2.so\n  token_label: t\n"
+        "clusters:\n  - mode: jwt\n    issuer: https://issuer.example\n    audiance: [a]\n"
+        "gce_projects: [meshca-vms]\n"
+        "gce_rules:\n  - project: meshca-vms\n    spiffe_id: /vm/web\n    zon: europe-west1-b\n",
+    )
+    assert "Extra inputs are not permitted" not in message
+    for problem in (
+        "trust_domian: unknown setting; did you mean 'trust_domain'?",
+        "signer.pkcs11.modul: unknown setting; did you mean 'module'?",
+        "clusters.0.jwt.audiance: unknown setting; did you mean 'audiences'?",
+        "gce_rules.0.zon: unknown setting; did you mean 'zone'?",
+    ):
+        assert problem in message
+
+
+def test_unknown_key_with_no_close_match_lists_what_is_allowed(tmp_path: Path) -> None:
+    message = _config_problem(tmp_path, "signer:\n  kind: file\n  colour: blue\n")
+    assert message == (
+        "invalid configuration: signer.file.colour: unknown setting; "
+        "allowed: kind, key_file, key_type"
+    )
+
+
+def test_unknown_key_in_toml_gets_a_did_you_mean(tmp_path: Path) -> None:
+    message = _config_problem(tmp_path, '[signer]\nkey_typ = "ec-p384"\n', "meshca.toml")
+    assert "signer.file.key_typ: unknown setting; did you mean 'key_type'?" in message
+
+
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("trust_domain: example.org\nclusters: [\n  - mode: : jwt\n")
+    result = CliRunner(env={k: None for k in os.environ if k.startswith("MESHCA_")}).invoke(
+        main, ["server", "--config", str(config), "--state-dir", str(tmp_path / "state")]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"meshca: error: config file {config}: YAML syntax error at line 3, column 3: "
+        "expected the node content, but found '-'"
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_toml_syntax_error_names_the_file_and_place(tmp_path: Path) -> None:
+    message = _config_problem(tmp_path, 'trust_domain = "a\n', "meshca.toml")
+    assert message.startswith(f"config file {tmp_path / 'meshca.toml'}: TOML syntax error: ")
+    assert "line 1" in message
