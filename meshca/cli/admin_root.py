@@ -49,9 +49,10 @@ def _signer_section(settings: Settings, kind: str | None, flags: dict[str, Any])
 def _create_file_or_pkcs11(settings: Settings, key_type: KeyAlgorithm) -> Signer:
     config = settings.signer
     if isinstance(config, FileSignerConfig):
+        from meshca.signers.factory import file_key_path
         from meshca.signers.file import FileSigner
 
-        return FileSigner.create(config.key_file or settings.state_dir / "root-key.pem", key_type)
+        return FileSigner.create(file_key_path(config, settings.state_dir), key_type)
     assert isinstance(config, Pkcs11SignerConfig)
     from meshca.signers.pkcs11 import Pkcs11Signer
 

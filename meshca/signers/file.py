@@ -3,9 +3,10 @@
 The key is an unencrypted PKCS#8 PEM file readable by its owner alone. It is created
 with mode 0600 from the first byte (never written and then chmod-ed), published
 atomically under its final name, and never overwritten. Loading refuses a file that the
-group or others may read or write, and names the ``chmod`` that fixes it. Production
-roots belong in an HSM (``pkcs11``) or Cloud KMS (``gcpkms``), where the key never
-reaches the CA's memory.
+group or others may read or write, or that another user owns (a ``root-key.pem`` planted
+by ``nobody`` would make nobody the CA), and names the ``chmod`` or ``chown`` that fixes
+it. Production roots belong in an HSM (``pkcs11``) or Cloud KMS (``gcpkms``), where the
+key never reaches the CA's memory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from meshca.errors import SignerError
 from meshca.pki.keys import KeyAlgorithm, PrivateKey, PublicKey, UnsupportedKeyError
+from meshca.statedir import check_owner, make_private_dirs
 
 if TYPE_CHECKING:
     from meshca.signers.base import Signer
@@ -77,10 +79,11 @@ class FileSigner:
     def create(cls, path: Path, algorithm: KeyAlgorithm) -> FileSigner:
         """Generate a key and write it to ``path`` (mode 0600); refuse if ``path`` exists.
 
-        The parent directory is created with mode 0700 if missing. The key is written to
-        a temporary file in the same directory, flushed to disk, then hard-linked to
-        ``path``: a concurrent creator or a crash never leaves a half-written key under
-        the final name, and an existing key is never replaced.
+        The parent directory is created with mode 0700 (whatever the umask) if missing;
+        an existing one is left as it is. The key is written to a temporary file in the
+        same directory, flushed to disk, then hard-linked to ``path``: a concurrent
+        creator or a crash never leaves a half-written key under the final name, and an
+        existing key is never replaced.
         """
         path = Path(path)
         if os.path.lexists(path):
@@ -167,7 +170,8 @@ def _exists(path: Path) -> SignerError:
 
 
 def _read_private_file(path: Path, fd: int) -> bytes:
-    """Check the open file is a regular file only its owner can access, then read it.
+    """Check the open file is a regular file that meshca's user owns and only it can
+    access, then read it.
 
     The checks use ``fstat`` on the descriptor that is read, so the file cannot be
     swapped between the check and the read.
@@ -175,6 +179,7 @@ def _read_private_file(path: Path, fd: int) -> bytes:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise SignerError(f"key file {path} is not a regular file", reason="key_file_invalid")
+    check_owner(path, info, error=SignerError, what="key file", reason="key_file_owner")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise SignerError(
@@ -220,8 +225,7 @@ def _parse_key(path: Path, data: bytes) -> PrivateKey:
 def _write_new(path: Path, content: bytes) -> None:
     """Create ``path`` with ``content`` and mode 0600, atomically; FileExistsError if it exists."""
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(parent)
     temp = parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(temp, flags, 0o600)

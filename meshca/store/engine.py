@@ -37,6 +37,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from meshca.errors import StoreError
+from meshca.statedir import ensure_private_dir, ensure_private_file, user_name
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
@@ -71,6 +72,28 @@ def _sqlite_file(url: URL) -> Path | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return Path(database)
+
+
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+"""Files SQLite keeps beside the database; it creates them with the database's mode."""
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Make the database's directory private (0700) and the database file 0600, both
+    meshca's, whatever the umask; refuse files another user owns (see meshca.statedir).
+
+    The database is created here, empty, before SQLite opens it: SQLite would create it
+    with 0666 less the umask, and gives its -wal and -shm files the database's mode."""
+    ensure_private_dir(path.parent, error=StoreError, what="database directory")
+    ensure_private_file(path, error=StoreError, what="database file")
+    ensure_private_file(_lock_file(path), error=StoreError, what="database lock file")
+    for suffix in SQLITE_SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        ensure_private_file(side, error=StoreError, what="database file", create=False)
+
+
+def _lock_file(database: Path) -> Path:
+    return database.with_name(database.name + ".write-lock")
 
 
 def _enable_wal(cursor: sqlite3.Cursor) -> None:
@@ -123,7 +146,7 @@ class SqliteWriterLock:
     """
 
     def __init__(self, database: Path) -> None:
-        self._path = database.with_name(database.name + ".write-lock")
+        self._path = _lock_file(database)
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
 
@@ -158,7 +181,7 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
         if url.get_backend_name() == "sqlite":
             path = _sqlite_file(url)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_sqlite_file(path)
             engine = create_engine(
                 url,
                 echo=echo,
@@ -213,4 +236,11 @@ def wrap_error(what: str, exc: SQLAlchemyError, url: URL) -> StoreError:
         reason = "integrity_error"
     else:
         reason = "database_error"
-    return StoreError(f"{what} failed on {redact(url)}: {_detail(exc, url)}", reason=reason)
+    detail = _detail(exc, url)
+    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+    if path is not None and "unable to open database file" in detail:
+        detail += (
+            f" (check that {path.parent} and the {path.name}* files in it are owned, readable "
+            f"and writable by {user_name(os.geteuid())}, which meshca runs as)"
+        )
+    return StoreError(f"{what} failed on {redact(url)}: {detail}", reason=reason)

@@ -18,7 +18,10 @@ from meshca.errors import SignerError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.signers.base import Signer
 from meshca.signers.file import FileSigner
+from meshca.store import Store
 from tests.pki.helpers import key
+
+NOBODY = 65534
 
 
 def mode(path: Path) -> int:
@@ -115,6 +118,16 @@ def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
     assert path.read_bytes() == before
     assert FileSigner.load(path).public_key() == original.public_key()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pem"]
+
+
+def test_create_makes_a_missing_parent_0700_under_a_strict_umask(tmp_path: Path) -> None:
+    """umask 0277 once left the key's new directory 0500: not writable, not 0700."""
+    old_umask = os.umask(0o277)
+    try:
+        FileSigner.create(tmp_path / "keys" / "k.pem", KeyAlgorithm.EC_P256)
+    finally:
+        os.umask(old_umask)
+    assert mode(tmp_path / "keys") == 0o700
 
 
 # -- load ------------------------------------------------------------------------------
@@ -228,6 +241,41 @@ def test_load_refuses_key_types_not_allowed(
     assert info.value.reason == "key_not_allowed"
     assert described in info.value.message
     assert "allowed: ECDSA P-256" in info.value.message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to nobody (chown) needs root")
+def test_load_refuses_a_key_owned_by_another_user(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "k.pem", key(KeyAlgorithm.EC_P256), file_mode=0o600)
+    os.chown(path, NOBODY, NOBODY)
+    with pytest.raises(SignerError) as info:
+        FileSigner.load(path)
+    assert info.value.reason == "key_file_owner"
+    assert f"key file {path} is owned by uid {NOBODY} (nobody), not by uid 0 (root)" in (
+        info.value.message
+    )
+    assert f"run 'chown root {path}' as root; otherwise remove it" in info.value.message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to nobody (chown) needs root")
+def test_a_start_refuses_a_root_key_planted_by_another_user(tmp_path: Path) -> None:
+    """A root-key.pem owned by nobody in the state directory was adopted as the root."""
+    from meshca.config import load_settings
+    from meshca.server import prepare_state
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    planted = write_key(state / "root-key.pem", key(KeyAlgorithm.EC_P256), file_mode=0o600)
+    os.chown(planted, NOBODY, NOBODY)
+    settings = load_settings(state_dir=state)
+    with pytest.raises(SignerError) as info:
+        prepare_state(settings)
+    assert info.value.reason == "key_file_owner"
+    assert f"key file {planted} is owned by uid {NOBODY} (nobody)" in info.value.message
+    store = Store(settings.effective_database_url)
+    try:
+        assert store.list_roots() == []  # no root was made from the planted key
+    finally:
+        store.close()
 
 
 # -- load_or_create --------------------------------------------------------------------
