@@ -8,10 +8,10 @@ hold whatever the process umask:
   set again on the open directory, so neither a loose umask (000) nor a strict one
   (0277, which would leave it unwritable) decides it.
 - An existing directory must be owned by meshca's user and writable by nobody else
-  (another user who may write in it can plant or swap files). Read or search access for
-  group or others (0755, as earlier meshca versions created it) is removed, with a
-  warning; writable by them is refused, because what they may have put there cannot be
-  known.
+  (another user who may write in it can plant or swap files): writable by them is
+  refused, because what they may have put there cannot be known. Read or search access
+  for group or others (0755, as earlier meshca versions created it) is removed, with a
+  warning, if the directory holds only meshca's files; otherwise only the warning.
 - A private file (the database, its ``-wal``, ``-shm``, ``-journal`` and write-lock
   files) is created with mode 0600; an existing one must be a regular file, not a
   symbolic link, owned by meshca's user. Group and other bits are removed, with a
@@ -41,6 +41,8 @@ _PARENT_DIR_MODE = 0o755
 _GROUP_OTHER = 0o077
 _GROUP_OTHER_WRITE = 0o022
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+MESHCA_NAMES = ("meshca.db", "root-key.pem", ".root-key.pem.")
+"""How the names of the files meshca keeps in its state directory begin."""
 
 
 def user_name(uid: int) -> str:
@@ -102,13 +104,20 @@ def make_private_dirs(path: Path) -> None:
 
 
 def ensure_private_dir(
-    path: Path, *, error: type[MeshcaError], what: str = "state directory"
+    path: Path,
+    *,
+    error: type[MeshcaError],
+    what: str = "state directory",
+    own_names: tuple[str, ...] = MESHCA_NAMES,
 ) -> None:
     """Create ``path`` (mode 0700), or check an existing one; see the module docstring.
 
-    Raises ``error`` naming the path and the fix when the directory is not a directory,
-    is owned by another user, may be written by group or others, or cannot be written
-    by meshca's user.
+    An existing directory that others may read is tightened only when it holds nothing
+    but meshca's files (names starting with one of ``own_names``): a database URL such
+    as ``sqlite:///meshca.db`` must not make meshca chmod a home directory. Otherwise
+    the warning names the ``chmod``. Raises ``error`` naming the path and the fix when
+    the directory is not a directory, is owned by another user, may be written by group
+    or others, or cannot be written by meshca's user.
     """
     path = Path(path)
     try:
@@ -141,23 +150,42 @@ def ensure_private_dir(
                 reason="unsafe_permissions",
             )
         if mode & _GROUP_OTHER:
-            os.fchmod(fd, mode & ~_GROUP_OTHER)
-            log.warning(
-                "%s %s had mode %04o, readable by other users; changed it to %04o",
-                what,
-                path,
-                mode,
-                mode & ~_GROUP_OTHER,
-            )
+            mode = _tighten_dir(path, fd, mode, what, own_names)
     finally:
         os.close(fd)
     if not os.access(path, os.W_OK | os.X_OK):
         raise error(
-            f"{what} {path} (mode {mode & ~_GROUP_OTHER:04o}) is not writable by "
+            f"{what} {path} (mode {mode:04o}) is not writable by "
             f"{user_name(os.geteuid())}, and meshca creates its files there; "
             f"run 'chmod 700 {path}' (or mount it read-write)",
             reason="state_dir_unwritable",
         )
+
+
+def _tighten_dir(path: Path, fd: int, mode: int, what: str, own_names: tuple[str, ...]) -> int:
+    """Remove group and other bits from the open directory if it is meshca's alone;
+    return its mode afterwards."""
+    tight = mode & ~_GROUP_OTHER
+    if all(name.startswith(own_names) for name in os.listdir(fd)):
+        os.fchmod(fd, tight)
+        log.warning(
+            "%s %s had mode %04o, readable by other users; changed it to %04o",
+            what,
+            path,
+            mode,
+            tight,
+        )
+        return tight
+    log.warning(
+        "%s %s has mode %04o, so other users may list it (meshca's files in it are 0600); "
+        "it holds other files too, so meshca leaves its mode alone: run 'chmod 700 %s' if "
+        "that is safe, or give meshca a directory of its own",
+        what,
+        path,
+        mode,
+        path,
+    )
+    return mode
 
 
 def ensure_private_file(

@@ -37,7 +37,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from meshca.errors import StoreError
-from meshca.statedir import ensure_private_dir, ensure_private_file, user_name
+from meshca.statedir import MESHCA_NAMES, ensure_private_dir, ensure_private_file, user_name
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
@@ -84,7 +84,12 @@ def _prepare_sqlite_file(path: Path) -> None:
 
     The database is created here, empty, before SQLite opens it: SQLite would create it
     with 0666 less the umask, and gives its -wal and -shm files the database's mode."""
-    ensure_private_dir(path.parent, error=StoreError, what="database directory")
+    ensure_private_dir(
+        path.parent,
+        error=StoreError,
+        what="database directory",
+        own_names=(*MESHCA_NAMES, path.name),
+    )
     ensure_private_file(path, error=StoreError, what="database file")
     ensure_private_file(_lock_file(path), error=StoreError, what="database lock file")
     for suffix in SQLITE_SIDE_FILES:

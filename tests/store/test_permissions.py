@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -20,10 +21,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.exc import OperationalError
 
 from meshca.cli.main import main
 from meshca.errors import SignerError, StoreError
+from meshca.statedir import user_name
 from meshca.store import Store
+from meshca.store.engine import parse_url, wrap_error
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(
@@ -92,6 +96,33 @@ def test_a_readable_state_dir_of_ours_is_tightened_with_a_warning(
         open_and_write(state / "meshca.db").close()
     assert mode(state) == 0o700
     assert f"{state} had mode 0755, readable by other users; changed it to 0700" in caplog.text
+
+
+def test_a_readable_directory_holding_other_files_is_left_alone_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sqlite:///meshca.db`` run from a home directory must not chmod the home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o755)
+    (home / "notes.txt").write_text("not meshca's")
+    with caplog.at_level(logging.WARNING, logger="meshca.statedir"):
+        open_and_write(home / "meshca.db").close()
+    assert mode(home) == 0o755
+    assert mode(home / "meshca.db") == 0o600
+    assert f"run 'chmod 700 {home}' if that is safe" in caplog.text
+
+
+def test_sqlite_unable_to_open_names_the_directory_and_the_user(tmp_path: Path) -> None:
+    """What SQLite says when it cannot create a file the checks did not foresee."""
+    url = parse_url(f"sqlite:///{tmp_path / 'meshca.db'}")
+    cause = sqlite3.OperationalError("unable to open database file")
+    error = wrap_error("upgrading", OperationalError("PRAGMA", {}, cause), url)
+    assert "unable to open database file (check that " in error.message
+    assert f"{tmp_path} and the meshca.db* files in it are owned, readable and writable" in (
+        error.message
+    )
+    assert f"by {user_name(os.geteuid())}, which meshca runs as" in error.message
 
 
 @pytest.mark.parametrize("writable", [0o777, 0o770, 0o1777])
