@@ -32,12 +32,12 @@ from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.gce import GceAuthenticator, TokenLedger
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
-from meshca.ca.authority import Authority, IntermediateSettings, utcnow
+from meshca.ca.authority import Authority, IntermediateSettings, process_owner, utcnow
 from meshca.ca.issuing_keys import HsmKeys, MemoryKeys
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root
 from meshca.config import Pkcs11SignerConfig, Settings
-from meshca.errors import AuthenticationError, ConfigError, MeshcaError
+from meshca.errors import AuthenticationError, ConfigError, MeshcaError, StoreError
 from meshca.metrics import CAMetrics
 from meshca.pki.profile import fingerprint
 from meshca.signers.base import Signer, close_signer
@@ -120,11 +120,25 @@ class RunningServer:
 
     async def maintain_once(self) -> None:
         """Rotate the intermediate, reload the bundle, renew the server certificate."""
+        await self._heartbeat()
         await self.authority.rotate_if_due()
         await self.authority.refresh_trust_bundle()
         if self.server_cert is not None:
             await self.server_cert.refresh(SERVER_CERT_LIFETIME)
         self.metrics.update_expiry()
+
+    async def _heartbeat(self) -> None:
+        """Record that this process still signs with its intermediate (``admin status``
+        tells one in use from one left behind by a crashed process by this)."""
+        current = self.authority.current_issuing_ca
+        if current is None:
+            return
+        try:
+            await asyncio.to_thread(
+                self.store.heartbeat_intermediate, process_owner(), current.fingerprint, utcnow()
+            )
+        except StoreError as exc:
+            log.warning("could not record the intermediate as in use: %s", exc)
 
     async def _maintain(self) -> None:
         while True:
@@ -146,6 +160,10 @@ class RunningServer:
         await self.http_runner.cleanup()
         await self.authenticator.close()
         await self.authority.close()
+        try:
+            await asyncio.to_thread(self.store.retire_intermediates, process_owner(), utcnow())
+        except StoreError as exc:
+            log.warning("could not record this process's intermediates as retired: %s", exc)
         await asyncio.to_thread(close_signer, self.signer)
         await asyncio.to_thread(self.store.close)
 

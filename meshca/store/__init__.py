@@ -11,7 +11,7 @@ from __future__ import annotations
 from meshca.store.chain import GENESIS_HASH, LedgerRow, NewIssuance, row_hash
 from meshca.store.models import IntermediateRecord, LedgerEntry, LedgerHead, RootRecord
 from meshca.store.store import Store, StoreCounts
-from meshca.store.verify import LedgerProblem, LedgerReport
+from meshca.store.verify import LedgerProblem, LedgerReport, ProblemKind
 
 __all__ = [
     "GENESIS_HASH",
@@ -22,6 +22,7 @@ __all__ = [
     "LedgerReport",
     "LedgerRow",
     "NewIssuance",
+    "ProblemKind",
     "RootRecord",
     "Store",
     "StoreCounts",

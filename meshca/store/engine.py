@@ -21,6 +21,8 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -221,6 +223,59 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
             f"cannot create the directory for database {redact(url)}: {exc.strerror}",
             reason="database_unavailable",
         ) from exc
+
+
+def _on_sqlite_read_only_connect(
+    dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry
+) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA query_only = ON")
+    finally:
+        cursor.close()
+
+
+def make_read_only_engine(url: URL) -> Engine:
+    """An engine that can only read ``url``: for audits and status, never for the CA.
+
+    A SQLite file must exist already (nothing is created, not even its directory) and is
+    opened with ``mode=ro``; PostgreSQL sessions get ``default_transaction_read_only``.
+    Raises StoreError(reason="database_missing") when the SQLite file is not there.
+    """
+    if url.get_backend_name() != "sqlite":
+        engine = make_engine(url)
+        if url.get_backend_name() == "postgresql":
+            event.listen(engine, "connect", _on_postgres_read_only_connect)
+        return engine
+    path = _sqlite_file(url)
+    if path is None:
+        raise StoreError(
+            f"a read-only open needs a SQLite database file, not {redact(url)}",
+            reason="invalid_database_url",
+        )
+    if not path.is_file():
+        raise StoreError(
+            f"no meshca database at {path} (check --state-dir / --database-url)",
+            reason="database_missing",
+        )
+    uri = f"file:{quote(str(path.resolve()))}"
+    read_only = url.set(database=uri, query={"mode": "ro", "uri": "true"})
+    engine = create_engine(
+        read_only,
+        pool_pre_ping=False,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+    )
+    event.listen(engine, "connect", _on_sqlite_read_only_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _on_postgres_read_only_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    dbapi_connection.commit()
 
 
 def _detail(exc: BaseException, url: URL) -> str:

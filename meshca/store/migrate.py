@@ -49,6 +49,11 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def is_known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this meshca's migrations."""
+    return _known(ScriptDirectory.from_config(alembic_config()), revision)
+
+
 def _known(script: ScriptDirectory, revision: str) -> bool:
     try:
         return script.get_revision(revision) is not None

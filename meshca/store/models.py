@@ -88,7 +88,9 @@ class IntermediateRecord(SQLModel, table=True):
     """An issuing intermediate, signed by a root, held in memory by one CA process.
 
     ``owner`` is ``hostname:pid`` of the process that holds the private key, so an
-    operator can tell which replica issued with which intermediate.
+    operator can tell which replica issued with which intermediate. The owner refreshes
+    ``last_seen_at`` while it signs with this intermediate and sets ``retired_at`` when it
+    replaces it or stops; both stay NULL in rows written before revision 0003.
     """
 
     __tablename__ = "intermediates"
@@ -110,6 +112,12 @@ class IntermediateRecord(SQLModel, table=True):
     not_after: datetime = Field(sa_column=_when("not_after"))
     owner: str = Field(sa_column=_text("owner"))
     created_at: datetime = Field(default_factory=utc_now, sa_column=_when("created_at"))
+    last_seen_at: datetime | None = Field(
+        default=None, sa_column=Column("last_seen_at", UTCDateTime(), nullable=True)
+    )
+    retired_at: datetime | None = Field(
+        default=None, sa_column=Column("retired_at", UTCDateTime(), nullable=True)
+    )
 
 
 class LedgerEntry(SQLModel, table=True):

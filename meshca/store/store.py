@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Table, delete, func, text
+from sqlalchemy import Connection, Table, delete, func, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
@@ -31,6 +31,7 @@ from meshca.store.chain import LedgerRow, NewIssuance
 from meshca.store.engine import (
     SQLITE_BEGIN_OPTION,
     make_engine,
+    make_read_only_engine,
     parse_url,
     redact,
     wrap_error,
@@ -65,9 +66,11 @@ class StoreCounts:
 class Store:
     """meshca's database: roots, intermediates and the hash-chained issuance ledger."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, read_only: bool = False) -> None:
         self._url = parse_url(url)
-        self._engine = make_engine(self._url, echo=echo)
+        self._engine = (
+            make_read_only_engine(self._url) if read_only else make_engine(self._url, echo=echo)
+        )
         self._is_postgres = self._engine.dialect.name == "postgresql"
         self._writer = self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
         self._write_lock = writer_lock(self._url)
@@ -87,6 +90,45 @@ class Store:
             store.close()
             raise
         return store
+
+    @classmethod
+    def open_read_only(cls, url: str) -> Store:
+        """Open an existing database for reading only (``meshca admin`` audits and status).
+
+        Never creates a file, never migrates. Raises StoreError when there is no database
+        (reason ``database_missing``) or its schema is not the one this meshca reads
+        (reason ``schema_not_current``), saying to run ``meshca admin db upgrade``.
+        """
+        store = cls(url, read_only=True)
+        try:
+            store.require_current_schema()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def require_current_schema(self) -> None:
+        """Raise StoreError unless the schema is at this meshca's newest revision."""
+        current = self.current_revision()
+        head = migrate.head_revision()
+        if current == head:
+            return
+        where = self.redacted_url()
+        if current is None:
+            problem = f"the database {where} holds no meshca schema (no schema revision)"
+        elif migrate.is_known_revision(current):
+            problem = f"the database {where} is at schema revision {current}, not {head}"
+        else:
+            raise StoreError(
+                f"the database {where} is at schema revision {current}, which this meshca "
+                f"does not know (its newest is {head}); was it migrated by a newer meshca?",
+                reason="unknown_schema_revision",
+            )
+        raise StoreError(
+            f"{problem}; run `meshca admin db upgrade` with the same --state-dir / "
+            "--database-url (the server also migrates on start)",
+            reason="schema_not_current",
+        )
 
     def redacted_url(self) -> str:
         """The database URL with the password replaced by ``***`` (safe to log)."""
@@ -188,9 +230,45 @@ class Store:
             not_after=record.not_after,
             created_at=record.created_at,
         )
+        if record.last_seen_at is None:
+            record.last_seen_at = record.created_at
         with self._session(f"adding intermediate {record.fingerprint}", write=True) as session:
             session.add(record)
         return record
+
+    def heartbeat_intermediate(self, owner: str, fingerprint: str, now: datetime) -> None:
+        """``owner`` signs with ``fingerprint`` as of ``now``; its other ones are retired.
+
+        The owning process calls this from its maintenance loop, so ``last_seen_at`` tells
+        an intermediate in use from one whose process has exited without a clean stop.
+        """
+        _check_times(now=now)
+        table = _table(IntermediateRecord)
+        with self._transaction(f"recording intermediate {fingerprint[:16]} in use") as conn:
+            conn.execute(
+                update(table).where(table.c.fingerprint == fingerprint).values(last_seen_at=now)
+            )
+            conn.execute(
+                update(table)
+                .where(
+                    table.c.owner == owner,
+                    table.c.fingerprint != fingerprint,
+                    table.c.retired_at.is_(None),
+                )
+                .values(retired_at=now)
+            )
+
+    def retire_intermediates(self, owner: str, now: datetime) -> int:
+        """Mark every intermediate ``owner`` still holds as retired (a clean stop)."""
+        _check_times(now=now)
+        table = _table(IntermediateRecord)
+        with self._transaction(f"retiring the intermediates of {owner}") as conn:
+            result = conn.execute(
+                update(table)
+                .where(table.c.owner == owner, table.c.retired_at.is_(None))
+                .values(retired_at=now)
+            )
+            return result.rowcount
 
     def list_intermediates(self, *, limit: int | None = None) -> list[IntermediateRecord]:
         """Intermediates, newest first; at most ``limit`` of them."""
@@ -300,6 +378,42 @@ class Store:
         statement = select(RootRecord).where(RootRecord.fingerprint == fingerprint)
         with self._session("reading a root") as session:
             return session.exec(statement).first()
+
+    def list_ledger(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        serial_hex: str | None = None,
+        since: datetime | None = None,
+        methods: Sequence[str] = (),
+        limit: int = 50,
+    ) -> list[LedgerEntry]:
+        """Ledger rows matching every filter given, newest (highest sequence) first.
+
+        ``since`` keeps rows issued at or after it; ``methods`` keeps rows whose
+        ``auth_method`` is one of them.
+        """
+        statement = select(LedgerEntry)
+        if spiffe_id is not None:
+            statement = statement.where(LedgerEntry.spiffe_id == spiffe_id)
+        if serial_hex is not None:
+            statement = statement.where(LedgerEntry.serial_hex == serial_hex)
+        if since is not None:
+            _check_times(since=since)
+            statement = statement.where(col(LedgerEntry.issued_at) >= since)
+        if methods:
+            statement = statement.where(col(LedgerEntry.auth_method).in_(list(methods)))
+        statement = statement.order_by(col(LedgerEntry.sequence).desc()).limit(limit)
+        with self._session("listing ledger rows") as session:
+            return list(session.exec(statement))
+
+    def count_issued_by_method(self) -> dict[str, int]:
+        """How many ledger rows each ``auth_method`` has (``ca-internal``: the CA's own)."""
+        statement = select(LedgerEntry.auth_method, func.count()).group_by(
+            col(LedgerEntry.auth_method)
+        )
+        with self._session("counting ledger rows by method") as session:
+            return {method: count for method, count in session.exec(statement)}
 
     def verify_ledger(self) -> LedgerReport:
         """Check the whole hash chain and the head row; name every sequence that breaks.

@@ -6,11 +6,11 @@ Each test edits the database with raw SQL, as someone with database access would
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlmodel import Session
 
 from meshca.errors import StoreError
-from meshca.store import LedgerEntry, Store, row_hash
+from meshca.store import LedgerEntry, ProblemKind, Store, row_hash
 from meshca.store import store as store_module
 
 from .helpers import issuance, tamper
@@ -103,8 +103,10 @@ def test_row_appended_without_the_head_is_named(store: Store, database_url: str)
     with tamper(database_url) as db:
         db.execute(text("UPDATE ledger_head SET last_sequence = 2"))
     report = store.verify_ledger()
-    assert 3 in report.problem_sequences
-    assert any("past ledger_head" in p.problem for p in report.problems)
+    assert report.totals == {ProblemKind.PAST_HEAD: 1, ProblemKind.HEAD_MISMATCH: 1}
+    (past,) = report.listed(ProblemKind.PAST_HEAD)
+    assert past.sequence == 3 and past.serial_hex == issuance(3).serial_hex
+    assert "lies past the chain's head 2: inserted outside meshca" in past.problem
 
 
 def test_deleted_head_row_is_reported_and_blocks_appends(store: Store, database_url: str) -> None:
@@ -130,4 +132,57 @@ def test_verification_spans_batches(
         db.execute(text("UPDATE ledger SET serial_hex = '00' WHERE sequence = 9"))
     report = store.verify_ledger()
     assert report.rows_checked == 13
-    assert report.problem_sequences == {4, 5, 9}
+    (gap,) = report.listed(ProblemKind.MISSING)
+    assert (gap.sequence, gap.last_sequence, gap.rows) == (4, 5, 2)
+    (edited,) = report.listed(ProblemKind.EDITED)
+    assert edited.sequence == 9 and edited.serial_hex == "00"
+
+
+def insert_raw(database_url: str, entry: LedgerEntry) -> None:
+    """Insert a row with raw SQL, as someone with database access would."""
+    with tamper(database_url) as db:
+        db.execute(insert(LedgerEntry.__table__).values(**entry.model_dump()))  # type: ignore[attr-defined]
+
+
+def test_row_inserted_far_past_the_head_is_named_not_counted_as_missing(
+    store: Store, database_url: str
+) -> None:
+    """A forged row numbered 5000 after a 5-row ledger is one inserted row, named with its
+    serial: not 4,994 "missing" rows that hide it."""
+    fill(store, 5)
+    forged = issuance(77).to_entry(5000, "ff" * 32)
+    insert_raw(database_url, forged)
+    report = store.verify_ledger()
+    assert not report.ok
+    assert report.totals == {ProblemKind.PAST_HEAD: 1}
+    (problem,) = report.problems
+    assert problem.describe() == (
+        f"sequence 5000 (serial {forged.serial_hex}): lies past the chain's head 5: "
+        "inserted outside meshca"
+    )
+    assert report.head_sequence == 5 and report.rows_checked == 6
+
+
+def test_every_problem_class_is_reported_and_counted_past_the_listing_limit(
+    store: Store, database_url: str
+) -> None:
+    """Thirty edited rows do not crowd out a deleted range and an inserted row: each class
+    lists its first rows (20 by default) and counts the rest."""
+    fill(store, 40)
+    with tamper(database_url) as db:
+        db.execute(text("UPDATE ledger SET evidence = 'forged' WHERE sequence <= 30"))
+        db.execute(text("DELETE FROM ledger WHERE sequence IN (33, 34, 35)"))
+    insert_raw(database_url, issuance(99).to_entry(41, "00" * 32))
+    report = store.verify_ledger()
+    assert report.totals == {
+        ProblemKind.EDITED: 30,
+        ProblemKind.MISSING: 1,
+        ProblemKind.PAST_HEAD: 1,
+    }
+    assert len(report.listed(ProblemKind.EDITED)) == 20
+    assert report.omitted(ProblemKind.EDITED) == 10
+    assert [p.sequence for p in report.listed(ProblemKind.EDITED)][:3] == [1, 2, 3]
+    (gap,) = report.listed(ProblemKind.MISSING)
+    assert (gap.sequence, gap.last_sequence) == (33, 35)
+    (past,) = report.listed(ProblemKind.PAST_HEAD)
+    assert past.sequence == 41
