@@ -70,8 +70,9 @@ def check_owner(
         return
     raise error(
         f"{what} {path} is owned by {user_name(info.st_uid)}, not by {user_name(me)} that "
-        "meshca runs as, so another user controls it. If it is meshca's, run "
-        f"'chown {_login(me)} {path}' as root; otherwise remove it or configure another path",
+        "meshca runs as, so another user controls it. If that user is meshca's service "
+        f"user, run meshca as it; if it should be this user's, run 'chown {_login(me)} {path}' "
+        "as root; otherwise remove it or configure another path",
         reason=reason,
     )
 
