@@ -352,7 +352,15 @@ class Authority:
                 raise
             prior = await self._prior_answer(request.request_id, attestation.spiffe_id, digest)
             if prior is None:
+                log.error("ledger write failed; certificate withheld: %s", exc.message)
                 raise
+            log.info(
+                "request_id %s of %s: a concurrent retry was recorded first (ledger #%d); "
+                "answering with its certificate",
+                request.request_id,
+                attestation.spiffe_id,
+                prior.ledger_sequence,
+            )
             return prior
 
     async def _prior_answer(
@@ -462,10 +470,6 @@ class Authority:
             request_id=request_id,
             csr_sha256=csr_digest,
         )
-        try:
-            row = await self._ledger.append(entry)
-        except StoreError:
-            log.error("ledger write failed; certificate %s withheld", entry.serial_hex)
-            raise
+        row = await self._ledger.append(entry)  # a failed write is logged there, once
         chain = (leaf_pem, ca.certificate_pem, self._root_pem)
         return IssuedCertificate(certificate=cert, chain_pem=chain, ledger_sequence=row.sequence)

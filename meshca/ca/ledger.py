@@ -5,6 +5,10 @@ durable database costs an fsync. Concurrent issuances therefore share transactio
 one batch is being committed, new rows queue up, and the next commit takes them all (the
 same idea as PostgreSQL's group commit). Under light load a batch is one row and nothing
 waits; under heavy load one fsync covers many certificates.
+
+Logging: a failed commit is logged here, once per batch (the operator's database needs
+attention); a row refused alone for a duplicate request id is not, since it is the normal
+end of two concurrent retries of one request, and the caller answers it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ class LedgerWriter:
         self._queue.append(pending)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await asyncio.shield(pending.done)
+        try:
+            return await asyncio.shield(pending.done)
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline passed) while the row was queued or being
+            # committed. Nobody will read the outcome: mark it read, or a failed commit
+            # (a lock timeout) ends in asyncio's "exception was never retrieved".
+            pending.done.add_done_callback(_discard_outcome)
+            raise
 
     async def _flush(self) -> None:
         while self._queue:
@@ -68,6 +79,14 @@ class LedgerWriter:
                 for pending in batch:
                     await self._commit([pending])
                 return
+            if not (exc.reason == "integrity_error" and batch[0].entry.request_id is not None):
+                log.error(
+                    "ledger write failed; %d certificate(s) withheld (serial %s%s): %s",
+                    len(batch),
+                    batch[0].entry.serial_hex,
+                    ", ..." if len(batch) > 1 else "",
+                    exc.message,
+                )
             self._fail(batch, exc)
             return
         except Exception as exc:
@@ -80,3 +99,8 @@ class LedgerWriter:
         for pending, row in zip(batch, rows, strict=True):
             if not pending.done.done():
                 pending.done.set_result(row)
+
+
+def _discard_outcome(done: asyncio.Future[LedgerRow]) -> None:
+    if not done.cancelled():
+        done.exception()

@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from meshca.ca.roots import create_root
+from meshca.cli.admin_ledger import open_read_only
+from meshca.cli.admin_output import echo_json, json_time, output_option
 from meshca.cli.common import (
     env_option,
     fail,
@@ -235,15 +237,34 @@ def create(
 
 @root.command(name="list")
 @settings_options
+@output_option
 @reports_errors
-def list_roots(config_file: Path | None, state_dir: Path | None, database_url: str | None) -> None:
+def list_roots(
+    config_file: Path | None, state_dir: Path | None, database_url: str | None, output: str
+) -> None:
     """Every root: backend, key reference, algorithm, fingerprint, notAfter, state."""
-    settings = load(config_file, state_dir=state_dir, database_url=database_url)
-    store = Store.open(settings.effective_database_url)
+    store = open_read_only(config_file, state_dir, database_url)
     try:
         roots = store.list_roots()
     finally:
         store.close()
+    if output == "json":
+        echo_json(
+            [
+                {
+                    "fingerprint": r.fingerprint,
+                    "state": r.state,
+                    "backend": r.backend,
+                    "key_ref": r.key_ref,
+                    "algorithm": r.algorithm,
+                    "subject": r.subject,
+                    "not_before": json_time(r.not_before),
+                    "not_after": json_time(r.not_after),
+                }
+                for r in roots
+            ]
+        )
+        return
     if not roots:
         click.echo("no roots recorded; `meshca admin root create` makes one")
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -223,3 +224,22 @@ async def test_root_outage_at_rotation_does_not_stop_issuance(store: Store, tmp_
         assert second is not None and second.fingerprint != first.fingerprint
         assert (await _issue(authority)).issuer == second.certificate.subject
         await authority.close()
+
+
+async def test_concurrent_retries_of_one_request_log_no_error(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request_id race is ordinary (a client retrying on a timeout): the loser gets
+    the winner's certificate, and the operator sees no ERROR for it."""
+    authority = _authority(store, tmp_path)
+    await authority.issuing_ca()
+    request = IssueRequest(csr=make_csr(str(WEB))[1], request_id="req-race")
+    caplog.set_level("INFO")
+    answers = await asyncio.gather(
+        *(authority.issue(request, _attestation(), PEER) for _ in range(4))
+    )
+    assert {a.ledger_sequence for a in answers} == {answers[0].ledger_sequence}
+    assert store.counts().issued == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    raced = [r.getMessage() for r in caplog.records if "concurrent retry" in r.getMessage()]
+    assert len(raced) == 3

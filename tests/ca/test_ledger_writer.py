@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from meshca.ca.ledger import LedgerWriter
 from meshca.errors import StoreError
-from meshca.store import Store
+from meshca.store import Store, engine
 from tests.store.helpers import issuance
 
 
@@ -56,3 +59,49 @@ async def test_database_failure_reaches_every_waiter(store: Store) -> None:
         *(writer.append(issuance(n)) for n in range(1, 4)), return_exceptions=True
     )
     assert all(isinstance(r, StoreError) for r in results)
+
+
+async def _abandon_during_a_lock_timeout(store: Store) -> None:
+    """Two requests whose rows wait for a lock, cancelled before the lock times out."""
+    writer = LedgerWriter(store)
+    waiters = [asyncio.create_task(writer.append(issuance(n))) for n in (1, 2)]
+    await asyncio.sleep(0.2)  # the batch is in the database, waiting for the lock
+    for waiter in waiters:
+        waiter.cancel()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    flusher = writer._flusher
+    assert flusher is not None
+    await asyncio.wait_for(flusher, timeout=30)
+
+
+async def test_a_lock_timeout_after_the_caller_gave_up_is_logged_once_and_nothing_leaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request cancelled (its deadline passed) while its row waits for a database lock:
+    the failed commit is one ERROR line without a stack, and asyncio does not complain
+    later that the row's outcome was never retrieved."""
+    monkeypatch.setattr(engine, "SQLITE_BUSY_TIMEOUT_SECONDS", 1)
+    path = tmp_path / "meshca.db"
+    store = Store.open(f"sqlite:///{path}")
+    loop = asyncio.get_running_loop()
+    unhandled: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context.get("message")))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        await _abandon_during_a_lock_timeout(store)
+        for _ in range(3):
+            gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        store.close()
+        loop.set_exception_handler(None)
+    assert unhandled == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].getMessage().startswith("ledger write failed; 2 certificate(s) withheld")
+    assert "database is locked" in errors[0].getMessage()
+    assert errors[0].exc_info is None

@@ -78,9 +78,12 @@ async def test_first_start_issue_restart_and_audit_on_sqlite(
     code, out, err = await run_meshca("admin", "status", "--state-dir", str(state))
     assert code == 0, err
     assert "Roots" in out and "active" in out and "file" in out
-    # Two server certificates and two workload certificates, one intermediate per start.
+    # Two workload certificates and two server certificates, one intermediate per start;
+    # both intermediates are retired: their processes stopped cleanly.
     counts_row = out.split("Counts")[1].splitlines()[3].split()
-    assert counts_row == ["1", "2", "4"]
+    assert counts_row == ["1", "2", "2", "2"]
+    intermediates = out.split("Issuing intermediates")[1].split("Counts")[0]
+    assert intermediates.count(" retired ") == 2 and "in use" not in intermediates
 
     db = sqlite3.connect(state / "meshca.db")
     db.execute(
@@ -90,7 +93,7 @@ async def test_first_start_issue_restart_and_audit_on_sqlite(
     db.close()
     code, out, err = await run_meshca("admin", "ledger", "verify", "--state-dir", str(state))
     assert code == 1
-    assert "sequence 2:" in out and "ledger does not verify" in err
+    assert "edited (1):\n  sequence 2 (serial " in out and "ledger does not verify" in err
 
 
 @pytest.mark.postgres
@@ -120,7 +123,7 @@ async def test_postgres_ledger_tamper_is_named(
     ) as conn:
         conn.execute("DELETE FROM ledger WHERE sequence = 3")
     code, out, _ = await run_meshca("admin", "ledger", "verify", "--database-url", postgres_url)
-    assert code == 1 and "sequence 3:" in out
+    assert code == 1 and "missing (1):\n  sequence 3: missing (deleted)" in out
 
 
 async def test_start_up_errors_are_one_clear_line(tmp_path: Path) -> None:
