@@ -165,20 +165,26 @@ def peer_certificates(context: aio.ServicerContext[object, object]) -> tuple[x50
         ) from None
 
 
+_SINGLE_HEADERS = {
+    "authorization": "send exactly one ('authorization: Bearer <token>')",
+    "clusterid": "send at most one",
+}
+
+
 def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Credential:
     """Read ``authorization: Bearer <token>`` and the optional ``clusterid`` header.
 
-    More than one ``authorization`` header is refused: which one a proxy or a server
-    honours differs, so a second header is either a mistake or an attempt to smuggle a
-    credential past something that checked the first.
+    A repeated ``authorization`` or ``clusterid`` header is refused: which one a proxy
+    or a server honours differs, so a second one is either a mistake or an attempt to
+    smuggle a credential (or a cluster choice) past something that checked the first.
     """
-    authorizations = sum(1 for key, _ in metadata if key.lower() == "authorization")
-    if authorizations > 1:
-        raise AuthenticationError(
-            f"the request has {authorizations} authorization headers; send exactly one "
-            "('authorization: Bearer <token>')",
-            reason="duplicate_authorization",
-        )
+    for header, advice in _SINGLE_HEADERS.items():
+        count = sum(1 for key, _ in metadata if key.lower() == header)
+        if count > 1:
+            raise AuthenticationError(
+                f"the request has {count} {header} headers; {advice}",
+                reason=f"duplicate_{header}",
+            )
     token: str | None = None
     cluster: str | None = None
     for key, value in metadata:
@@ -378,7 +384,7 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
                 "impersonated identities are not supported: each workload must present "
                 "its own credential",
             )
-        # Zero or negative means "the default", as in Istio's own CA (pki/ca.go sign()).
+        # Zero or negative means "the default", as in Istio's CA (security/pkg/pki/ca).
         seconds = min(request.validity_duration, MAX_VALIDITY_SECONDS)
         ttl = timedelta(seconds=seconds) if seconds > 0 else None
         chain = await self._frontend.create(

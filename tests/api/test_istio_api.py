@@ -187,15 +187,13 @@ async def test_bundle_health_and_readiness(ca: CA) -> None:
 async def test_readiness_names_the_failing_dependency(
     ca: CA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from meshca.errors import StoreError
+    def down() -> list[str]:
+        return ["checking the ledger failed on sqlite:///x: unreachable"]
 
-    def down() -> None:
-        raise StoreError("database sqlite:///x is unreachable", reason="database_unavailable")
-
-    monkeypatch.setattr(ca.server.store, "ping", down)
+    monkeypatch.setattr(ca.server.store, "ledger_problems", down)
     status, body = await ca.get("/readyz")
     assert status == 503
-    assert "database: database sqlite:///x is unreachable" in body
+    assert "database: checking the ledger failed on sqlite:///x: unreachable" in body
 
 
 async def test_tokenreview_mode_and_cluster_selection(
@@ -282,28 +280,36 @@ async def test_unreachable_issuer_is_unavailable_without_internal_details(
     assert "127.0.0.1" not in details and "http" not in details
 
 
-async def test_two_authorization_headers_are_refused_and_counted(ca: CA) -> None:
+@pytest.mark.parametrize(
+    ("header", "advice"),
+    [
+        ("authorization", "send exactly one ('authorization: Bearer <token>')"),
+        ("clusterid", "send at most one"),
+    ],
+)
+async def test_a_repeated_credential_header_is_refused_and_counted(
+    ca: CA, header: str, advice: str
+) -> None:
     """Which of two headers a proxy or server honours differs: refuse, never pick one."""
     token = ca.kube.mint_token("default", "web")
+    metadata = [("authorization", f"Bearer {token}")]
+    if header == "authorization":
+        metadata.insert(0, ("authorization", "Bearer not-a-token"))
+    else:
+        metadata += [("clusterid", "Kubernetes"), ("clusterid", "mars")]
     stub = istioca_pb2_grpc.IstioCertificateServiceStub(ca.channel)
     before = ca.ledger_rows()
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.CreateCertificate(
             istioca_pb2.IstioCertificateRequest(csr=make_csr(WEB_ID)[1]),
-            metadata=[
-                ("authorization", "Bearer not-a-token"),
-                ("authorization", f"Bearer {token}"),
-            ],
+            metadata=metadata,
             timeout=10,
         )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert info.value.details() == (
-        "the request has 2 authorization headers; send exactly one "
-        "('authorization: Bearer <token>')"
-    )
+    assert info.value.details() == f"the request has 2 {header} headers; {advice}"
     assert ca.ledger_rows() == before
     _, metrics = await ca.get("/metrics")
-    assert 'meshca_authentication_failures_total{reason="duplicate_authorization"} 1.0' in metrics
+    assert f'meshca_authentication_failures_total{{reason="duplicate_{header}"}} 1.0' in metrics
 
 
 def _string_field(number: int, value: bytes) -> bytes:
