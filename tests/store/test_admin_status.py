@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from alembic import command
 from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, text
 
 from meshca.cli.main import main
 from meshca.store import IntermediateRecord, Store
+from meshca.store.migrate import alembic_config
 
 from .helpers import issuance
 from .test_roots import root
@@ -107,3 +111,36 @@ def test_root_list_json(store: Store, database_url: str) -> None:
             "not_after": "2034-04-29T12:00:00.123456Z",
         }
     ]
+
+
+def test_intermediates_recorded_before_revision_0003_keep_their_rows(database_url: str) -> None:
+    """Upgrading a 0002 database keeps its intermediates; with no heartbeat on record,
+    status says so instead of guessing."""
+    engine = create_engine(database_url)
+    if engine.dialect.name == "sqlite":
+        Path(engine.url.database or "").parent.mkdir(parents=True)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(alembic_config(connection), "0002")
+        old = Store(database_url)
+        try:
+            old.add_root(root("a"))
+        finally:
+            old.close()
+        now = datetime.now(UTC)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO intermediates (fingerprint, serial_hex, root_fingerprint, "
+                    "certificate_pem, not_before, not_after, owner, created_at) "
+                    "VALUES (:fp, '7f', :root, 'PEM', :nb, :na, 'ca-0:1', :nb)"
+                ),
+                {"fp": "1" * 64, "root": "a" * 64, "nb": now, "na": now + timedelta(hours=1)},
+            )
+    finally:
+        engine.dispose()
+    Store.open(database_url).close()
+    (inter,) = json.loads(run(database_url, "status", "-o", "json").stdout)["intermediates"]
+    assert inter["fingerprint"] == "1" * 64 and inter["owner"] == "ca-0:1"
+    assert inter["state"] == "unknown" and inter["last_seen_at"] is None
+    assert "unknown (no heartbeat recorded)" in run(database_url, "status").output
