@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Table, delete, func, text, update
+from sqlalchemy import Connection, Table, delete, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from meshca.errors import StoreError
-from meshca.store import migrate
+from meshca.store import migrate, readiness
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
 from meshca.store.chain import LedgerRow, NewIssuance
@@ -111,9 +111,17 @@ class Store:
         """Raise StoreError unless the schema is at this meshca's newest revision."""
         current = self.current_revision()
         head = migrate.head_revision()
-        if current == head:
-            return
         where = self.redacted_url()
+        if current == head:
+            missing = sorted(set(SQLModel.metadata.tables) - self._table_names())
+            if missing:
+                raise StoreError(
+                    f"the database {where} is at schema revision {head} but has no "
+                    f"{', '.join(missing)} table(s): dropped outside meshca? Restore it "
+                    "from a backup",
+                    reason="schema_not_current",
+                )
+            return
         if current is None:
             problem = f"the database {where} holds no meshca schema (no schema revision)"
         elif migrate.is_known_revision(current):
@@ -129,6 +137,13 @@ class Store:
             "--database-url (the server also migrates on start)",
             reason="schema_not_current",
         )
+
+    def _table_names(self) -> set[str]:
+        try:
+            with self._engine.connect() as connection:
+                return set(inspect(connection).get_table_names())
+        except SQLAlchemyError as exc:
+            raise wrap_error("listing the tables", exc, self._url) from exc
 
     def redacted_url(self) -> str:
         """The database URL with the password replaced by ``***`` (safe to log)."""
@@ -183,6 +198,23 @@ class Store:
         except SQLAlchemyError as exc:
             error = wrap_error("pinging the database", exc, self._url)
             raise StoreError(error.message, reason="database_unavailable") from exc
+
+    def ledger_problems(
+        self,
+        *,
+        lock_timeout: float = readiness.LOCK_TIMEOUT_SECONDS,
+        min_free_bytes: int = readiness.MIN_FREE_BYTES,
+    ) -> list[str]:
+        """Why a ledger append could not succeed now (schema, write lock, disk); empty
+        when it could. Writes nothing: see :mod:`meshca.store.readiness`."""
+        return readiness.ledger_problems(
+            self._engine,
+            self._url,
+            self._ledger_append,
+            HEAD_ID,
+            lock_timeout=lock_timeout,
+            min_free_bytes=min_free_bytes,
+        )
 
     # -- roots and intermediates ------------------------------------------------------
 

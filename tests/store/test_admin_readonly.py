@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from alembic import command
 from click.testing import CliRunner
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from meshca.cli.main import main
 from meshca.errors import StoreError
 from meshca.store import Store
 from meshca.store.migrate import alembic_config, head_revision
 
-from .helpers import issuance
+from .helpers import issuance, tamper
 
 READ_COMMANDS = [
     ["admin", "status"],
@@ -94,3 +94,13 @@ def test_db_upgrade_still_creates_the_database(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["admin", "ledger", "verify", "--database-url", url])
     assert result.exit_code == 0, result.output
     assert "ledger OK: 0 rows verified" in result.output
+
+
+def test_a_dropped_table_is_named(store: Store, database_url: str) -> None:
+    with tamper(database_url) as db:
+        db.execute(text("DROP TABLE ledger_head"))
+    result = CliRunner().invoke(main, ["admin", "ledger", "verify", "--database-url", database_url])
+    assert result.exit_code == 1, result.output
+    assert f"is at schema revision {head_revision()} but has no ledger_head table(s)" in (
+        result.output
+    )
