@@ -1,0 +1,95 @@
+"""The proxy's access log: one JSON object per line, per connection and per HTTP request.
+
+Field names (the Envoy bootstrap in deploy/envoy logs the same names from its command
+operators, so one set of tools reads both)::
+
+    start_time       connection (or request) start, RFC 3339 UTC     %START_TIME%
+    direction        inbound | outbound                              (per listener)
+    listener         the LISTEN address as configured                 (per listener)
+    peer_spiffe_id   the peer's SPIFFE ID from its verified SVID      %DOWNSTREAM_PEER_URI_SAN%
+    peer_address     the peer's IP                   %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%
+    peer_port        the peer's port                                  %DOWNSTREAM_REMOTE_PORT%
+    local_spiffe_id  our SPIFFE ID in this handshake                  %DOWNSTREAM_LOCAL_URI_SAN%
+    peer_serial      the peer certificate's serial, lowercase hex     %DOWNSTREAM_PEER_SERIAL%
+    peer_not_after   the peer certificate's notAfter                  %DOWNSTREAM_PEER_CERT_V_END%
+    tls_version      e.g. TLSv1.3                                     %DOWNSTREAM_TLS_VERSION%
+    tls_cipher       e.g. TLS_AES_128_GCM_SHA256                      %DOWNSTREAM_TLS_CIPHER%
+    decision         allow | deny | error
+    rule             the policy rule or check that decided
+    reason           why a connection was refused or failed   %CONNECTION_TERMINATION_DETAILS%
+    bytes_received   bytes from the peer (plaintext)                  %BYTES_RECEIVED%
+    bytes_sent       bytes to the peer (plaintext)                    %BYTES_SENT%
+    duration_ms      milliseconds from accept to close                %DURATION%
+    method           HTTP listeners, per request                      %REQ(:METHOD)%
+    path                                                              %REQ(:PATH)%
+    status                                                            %RESPONSE_CODE%
+
+Outbound lines name the upstream as the peer (Envoy's ``UPSTREAM_*`` operators) and add
+``app_address`` / ``app_port``, the local client. Fields that do not apply are null.
+
+The file is opened for appending, line-buffered; :meth:`AccessLog.reopen` (on SIGHUP,
+or when the path no longer names the open file, as after logrotate moves it) opens the
+path again. ``-`` is standard output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+
+class AccessLog:
+    """Writes access-log records; ``path`` None means standard output."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: IO[str] = sys.stdout
+        self._inode: tuple[int, int] | None = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the path again (after a rotation); standard output is left as it is."""
+        if self.path is None:
+            return
+        new = open(self.path, "a", buffering=1, encoding="utf-8")
+        st = os.fstat(new.fileno())
+        old, self._file, self._inode = self._file, new, (st.st_dev, st.st_ino)
+        if old is not sys.stdout:
+            old.close()
+
+    def check_rotated(self) -> bool:
+        """Reopen when the path names another file (or none): True if reopened."""
+        if self.path is None:
+            return False
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                return False
+        except FileNotFoundError:
+            pass
+        try:
+            self.reopen()
+        except OSError as exc:
+            log.error("access log %s: cannot reopen: %s", self.path, exc.strerror)
+            return False
+        return True
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            if self.path is None:
+                self._file.flush()
+        except OSError as exc:  # a full disk must not take the proxy down
+            log.error("access log: cannot write: %s", exc.strerror)
+
+    def close(self) -> None:
+        if self._file is not sys.stdout:
+            self._file.close()
+        else:
+            self._file.flush()

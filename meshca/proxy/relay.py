@@ -1,0 +1,132 @@
+"""The byte pump between the two legs of a proxied connection.
+
+Each leg is an :class:`asyncio.Protocol` on one transport; what it receives is written to
+the other leg's transport as it came (no copy, no per-byte work). Flow control: when a
+transport's write buffer passes its high-water mark, the leg feeding it stops reading
+until the buffer drains. When either side ends (EOF, close, error), the other is closed
+after its buffered bytes are flushed: TLS offers no half-close in asyncio, so a TCP
+half-close on the plain side is not carried through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+WRITE_HIGH_WATER = 1024 * 1024
+
+
+class Owner(Protocol):
+    """The connection a leg belongs to."""
+
+    def leg_lost(self, leg: Leg, exc: Exception | None) -> None: ...
+
+
+class Leg(asyncio.Protocol):
+    """One side of a proxied connection."""
+
+    __slots__ = (
+        "active",
+        "closed",
+        "discard",
+        "held",
+        "observer",
+        "other",
+        "owner",
+        "received",
+        "transport",
+    )
+
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.other: Leg | None = None
+        self.held: list[bytes] = []
+        self.received = 0
+        self.active = False
+        self.closed = False
+        self.discard = False
+        self.observer: Callable[[bytes], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Use ``transport`` (the TLS transport that replaces the plain one after start_tls)."""
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def join(self, other: Leg) -> None:
+        """Start pumping both ways; bytes held while the other side was not ready go first."""
+        self.other, other.other = other, self
+        for leg in (self, other):
+            assert leg.transport is not None
+            leg.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        for leg in (self, other):
+            held, leg.held = leg.held, []
+            for chunk in held:
+                leg.forward(chunk)
+        for leg in (self, other):
+            assert leg.transport is not None
+            if not leg.closed:
+                leg.transport.resume_reading()
+
+    def forward(self, data: bytes) -> None:
+        if self.observer is not None:
+            self.observer(data)
+        assert self.other is not None and self.other.transport is not None
+        self.other.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.discard:
+            return
+        self.received += len(data)
+        self.active = True
+        if self.other is None:
+            self.held.append(data)
+            return
+        if self.observer is not None:
+            self.observer(data)
+        self.other.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None and not self.other.closed:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+        self.owner.leg_lost(self, exc)
+
+    def shut(self, linger: float) -> None:
+        """Close cleanly a leg that is not relayed: FIN (plain TCP) or close_notify, after
+        reading and dropping what the peer already sent, so the kernel sends no reset."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.discard = True
+        self.held.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(linger, self.close)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()

@@ -1,0 +1,155 @@
+"""TLS contexts built from the agent's credentials, and the X509-SVID checks on a peer.
+
+A new pair of contexts (server and client) is built on every publication of the
+credentials; listeners look the current pair up at each accept or connect, so new
+handshakes use the new certificate and bundle at once while established connections
+keep the context they were made with.
+
+OpenSSL verifies the peer's chain against the trust bundle (the roots) with the
+intermediates the peer sends; the hostname check is off and replaced by the SPIFFE
+checks of :func:`check_peer` (X509-SVID spec, sections 3 and 4). Session tickets are
+off, so that every connection is a full handshake verified against the current bundle.
+
+The private key reaches OpenSSL through an anonymous memory file (``memfd_create``),
+never through a file on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+
+from meshca.agent.credentials import X509Credentials
+from meshca.errors import SpiffeIdError
+from meshca.spiffe import SpiffeId, TrustDomain
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# TLS 1.2 only with forward secrecy and AEAD; TLS 1.3 suites are OpenSSL's defaults.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """What the access log and the policy need from a verified peer certificate."""
+
+    spiffe_id: SpiffeId
+    serial: str
+    not_after: datetime
+
+
+class PeerRefusedError(Exception):
+    """The peer's certificate chains to the bundle but is not an acceptable X509-SVID."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_peer(der: bytes | None, trust_domain: TrustDomain) -> PeerIdentity:
+    """The peer's identity from its verified leaf; PeerRefusedError saying what is wrong.
+
+    X509-SVID 2 and 3: exactly one URI SAN, a valid SPIFFE ID with a path, in our trust
+    domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused).
+    """
+    if not der:
+        raise PeerRefusedError("the peer sent no certificate")
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is not None and basic.ca:
+        raise PeerRefusedError(
+            "the peer certificate is a CA certificate (CA:true); an X509-SVID is not"
+        )
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PeerRefusedError(
+            "the peer certificate has no URI SAN; an X509-SVID has one"
+        ) from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise PeerRefusedError(
+            f"the peer certificate has {len(uris)} URI SANs; an X509-SVID has exactly one"
+        )
+    try:
+        spiffe_id = SpiffeId.parse(uris[0])
+    except SpiffeIdError as exc:
+        raise PeerRefusedError(f"the peer's URI SAN is not a SPIFFE ID: {exc}") from None
+    if spiffe_id.is_trust_domain_id:
+        raise PeerRefusedError(f"the peer's SPIFFE ID {spiffe_id} has no path")
+    if not spiffe_id.member_of(trust_domain):
+        raise PeerRefusedError(
+            f"the peer's SPIFFE ID {spiffe_id} is in trust domain {spiffe_id.trust_domain}; "
+            f"allowed: {trust_domain}"
+        )
+    return PeerIdentity(spiffe_id, format(cert.serial_number, "x"), cert.not_valid_after_utc)
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can read ``data`` from, backed by memory only (Linux memfd)."""
+    fd = os.memfd_create("meshca-proxy-svid", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _context(
+    creds: X509Credentials, purpose: ssl.Purpose, min_version: ssl.TLSVersion
+) -> ssl.SSLContext:
+    server = purpose is ssl.Purpose.CLIENT_AUTH
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = min_version
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if min_version < ssl.TLSVersion.TLSv1_3:
+        ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if server:
+        ctx.num_tickets = 0
+    ctx.load_verify_locations(cadata=creds.bundle_pem().decode())
+    with _memory_file(creds.chain_pem() + creds.key_pem()) as path:
+        ctx.load_cert_chain(path)
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContexts:
+    """The contexts for one version of the credentials."""
+
+    creds: X509Credentials
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    @classmethod
+    def build(cls, creds: X509Credentials, min_version: str = "1.3") -> TlsContexts:
+        version = TLS_VERSIONS[min_version]
+        return cls(
+            creds,
+            _context(creds, ssl.Purpose.CLIENT_AUTH, version),
+            _context(creds, ssl.Purpose.SERVER_AUTH, version),
+        )
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """A one-line reason for a failed handshake, as OpenSSL names it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or str(exc)).lower().replace("_", " ")
+        return f"TLS handshake failed: {reason}"
+    if isinstance(exc, TimeoutError):
+        return "TLS handshake timed out"
+    if isinstance(exc, ConnectionError | OSError):
+        return f"connection lost during the TLS handshake: {exc.strerror or exc}"
+    return f"TLS handshake failed: {exc}"
