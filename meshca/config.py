@@ -36,10 +36,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
-    YamlConfigSettingsSource,
 )
 
-from meshca.config_problems import describe, syntax_error
+from meshca.config_problems import YamlSource, describe, syntax_error
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
@@ -280,7 +279,7 @@ class FileSettings(BaseSettings):
             if path.suffix.lower() == ".toml":
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
             else:
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+                sources.append(YamlSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
 

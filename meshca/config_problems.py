@@ -8,11 +8,13 @@ import tomllib
 import types
 import typing
 from collections.abc import Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
+from pydantic_settings import YamlConfigSettingsSource
 
 from meshca.errors import ConfigError
 
@@ -100,3 +102,31 @@ def syntax_error(config_file: Path, exc: yaml.YAMLError | tomllib.TOMLDecodeErro
             f"column {mark.column + 1}: {problem}"
         )
     return ConfigError(f"config file {config_file}: YAML error: {' '.join(str(exc).split())}")
+
+
+class YamlSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, refusing in plain words a file that is not UTF-8
+    or whose top level is not a mapping of settings (a list, a bare string)."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            data: object = super()._read_file(file_path)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {file_path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                f"at offset {exc.start})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {file_path}: the top level is a {_yaml_kind(data)}; it must be "
+                "a mapping of settings, one 'name: value' per line"
+            )
+        return data
+
+
+def _yaml_kind(data: object) -> str:
+    if isinstance(data, list):
+        return "list"
+    if isinstance(data, str):
+        return "string"
+    return type(data).__name__

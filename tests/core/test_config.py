@@ -189,3 +189,21 @@ def test_toml_syntax_error_names_the_file_and_place(tmp_path: Path) -> None:
     message = _config_problem(tmp_path, 'trust_domain = "a\n', "meshca.toml")
     assert message.startswith(f"config file {tmp_path / 'meshca.toml'}: TOML syntax error: ")
     assert "line 1" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"- trust_domain: a\n", "the top level is a list; it must be a mapping of settings"),
+        (b"trust_domain\n", "the top level is a string; it must be a mapping of settings"),
+        (b"trust_domain: caf\xe9.example\n", "not UTF-8 text (byte 0xe9 at offset 17)"),
+    ],
+)
+def test_yaml_that_is_not_a_mapping_of_settings_says_so(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    config = tmp_path / "meshca.yaml"
+    config.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, state_dir=tmp_path / "state")
+    assert info.value.message.startswith(f"config file {config}: {problem}")
