@@ -148,8 +148,11 @@ def handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or str(exc)).lower().replace("_", " ")
         return f"TLS handshake failed: {reason}"
-    if isinstance(exc, TimeoutError):
+    # asyncio and uvloop abort a slow handshake with ConnectionAbortedError("... is taking
+    # longer than N seconds ...").
+    if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
         return "TLS handshake timed out"
     if isinstance(exc, ConnectionError | OSError):
-        return f"connection lost during the TLS handshake: {exc.strerror or exc}"
+        detail = exc.strerror or str(exc) or "the peer closed the connection"
+        return f"connection lost during the TLS handshake: {detail}"
     return f"TLS handshake failed: {exc}"
