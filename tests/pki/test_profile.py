@@ -1,7 +1,7 @@
 """The certificate profile, asserted on real certificates and checked by two verifiers.
 
-Every property of the profile (see meshca.pki.profile's docstring) is read back from certificates built
-by meshca.pki.profile; chains are verified by cryptography's verifier and by
+Every property listed in meshca.pki.profile's docstring is read back from certificates
+built by meshca.pki.profile; chains are verified by cryptography's verifier and by
 ``openssl verify -x509_strict``, independent implementations of RFC 5280 path validation.
 """
 
