@@ -40,6 +40,7 @@ from meshca.config import Pkcs11SignerConfig, Settings
 from meshca.errors import AuthenticationError, ConfigError, MeshcaError, StoreError
 from meshca.metrics import CAMetrics
 from meshca.pki.profile import fingerprint
+from meshca.ports import listening_pids
 from meshca.signers.base import Signer, close_signer
 from meshca.signers.factory import open_signer
 from meshca.spiffe import SpiffeId
@@ -250,7 +251,10 @@ def _bind(server: aio.Server, listen: str, what: str, add: Callable[[str], int])
     try:
         bound = add(_grpc_address(listen, what))
     except RuntimeError as exc:
-        raise ConfigError(f"cannot listen for gRPC on {listen}: {exc}") from exc
+        _, port = split_host_port(listen, what)
+        holders = sorted(listening_pids(port))
+        reason = f"port {port} is in use by another process (pid {holders[0]})" if holders else exc
+        raise ConfigError(f"cannot listen for gRPC on {listen}: {reason}") from exc
     if not bound:
         raise ConfigError(f"cannot listen for gRPC on {listen}")
     return bound

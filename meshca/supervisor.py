@@ -1,24 +1,41 @@
 """``meshca server --workers N``: N serving processes sharing the CA's ports.
 
-The supervisor (the process the operator started) prepares what must happen once: the
-database migrations and the root (created on first start with the file signer). It then
-reserves the listening ports (a port given as 0 becomes a concrete port, held with
-SO_REUSEPORT until every worker has bound it), starts the workers, prints one ready line
-when all are serving, restarts a worker that dies (with backoff), and on SIGINT/SIGTERM
-stops them all gracefully. Each worker is a full CA process: its own issuing
-intermediate, its own overload limits, the one shared ledger. Metrics are aggregated
-across workers through prometheus-client's multiprocess mode.
+The supervisor (the process the operator started) first claims the listening ports for
+itself alone (:mod:`meshca.ports`: a port given as 0 becomes a concrete port; a port that
+another process holds, meshca or not, is refused, naming it). It then prepares what must
+happen once: the database migrations and the root (created on first start with the file
+signer). It starts the workers, prints one ready line when all are serving, restarts a
+worker that dies (with backoff), and on SIGINT/SIGTERM stops them all gracefully. Each
+worker is a full CA process: its own issuing intermediate, its own overload limits, the
+one shared ledger. Metrics are aggregated across workers through prometheus-client's
+multiprocess mode, in a temporary directory named after the supervisor's pid.
+
+Workers die with their supervisor, whatever killed it: a worker that outlived it would
+keep serving the old configuration on the shared ports, beside the next supervisor's
+workers. Each worker asks the kernel for SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``; the supervisor spawns every worker from its main thread, which
+lives as long as the process), checks its parent is still the supervisor right after
+asking (it may have died before), and also watches the pipe multiprocessing keeps to the
+parent (outside Linux, and if the signal is ever lost). An orphaned worker removes the
+metrics directory on its way out; directories of supervisors that died with their
+workers (both killed at once) are removed by the next start.
+
+Ctrl-C in a terminal signals the whole process group. Workers start with SIGINT ignored
+(inherited, so not even their imports see it) and are stopped by the supervisor with
+SIGTERM, so an interrupted start-up prints one line and exits with 130, not a traceback
+per process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -29,8 +46,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from meshca.config import Settings
-from meshca.errors import ConfigError, MeshcaError
+from meshca.errors import MeshcaError
 from meshca.metrics import MULTIPROC_ENV
+from meshca.ports import PortClaim, claim
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +57,10 @@ STOP_TIMEOUT_SECONDS = 15.0
 MAX_RESTART_DELAY = 30.0
 HEALTHY_AFTER_SECONDS = 60.0
 LISTENERS = {"grpc_listen": "gRPC", "grpc_mtls_listen": "gRPC mTLS", "http_listen": "HTTP"}
+METRICS_PREFIX = "meshca-metrics-"
+PR_SET_PDEATHSIG = 1
+INTERRUPTED = 130
+"""The exit code of a start-up interrupted by SIGINT (128 + the signal, as shells do)."""
 
 
 @dataclass
@@ -50,39 +72,43 @@ class _Worker:
     ready: dict[str, Any] | None = None
 
 
-def _reserve(listen: str, what: str) -> tuple[str, socket.socket]:
-    """Bind ``listen`` with SO_REUSEPORT (port 0 picks one); return HOST:PORT and the socket."""
-    from meshca.server import split_host_port
-
-    host, port = split_host_port(listen, "listen address")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen for {what} on {listen}: {exc.strerror}") from exc
-    bound = sock.getsockname()[1]
-    return (f"[{host}]:{bound}" if family == socket.AF_INET6 else f"{host}:{bound}"), sock
+def _die_with_parent(supervisor_pid: int) -> None:
+    """Have the kernel send SIGTERM to this worker when the supervisor dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("cannot ask for SIGTERM on supervisor exit: errno %d", ctypes.get_errno())
+    if os.getppid() != supervisor_pid:  # it died before the request above took effect
+        sys.exit(1)
 
 
-def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
+def _remove_metrics_if_orphaned(supervisor_pid: int) -> None:
+    """An orphaned worker is among the last users of the metrics files: remove them."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if os.getppid() != supervisor_pid and directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _worker_main(settings_json: str, index: int, conn: Connection, supervisor_pid: int) -> None:
     """Entry point of a worker process (spawned, so it starts clean)."""
-    from meshca.cli.common import setup_logging
+    from meshca.cli.common import exit_code, setup_logging
     from meshca.server import start_server
 
+    _die_with_parent(supervisor_pid)
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.log_level, background=True)
 
     async def run() -> int:
+        loop = asyncio.get_running_loop()
+        parent = multiprocessing.parent_process()
+        if parent is not None and parent.sentinel is not None:
+            # Readable (EOF) once the supervisor is gone: stop as PDEATHSIG would.
+            loop.add_reader(parent.sentinel, os.kill, os.getpid(), signal.SIGTERM)
         try:
             running = await start_server(settings, reuse_port=True, migrate=False)
         except MeshcaError as exc:
-            config_error = isinstance(exc, ConfigError)
-            conn.send({"error": exc.message, "config": config_error})
-            return 2 if config_error else 1
+            conn.send({"error": exc.message, "code": exit_code(exc)})
+            return exit_code(exc)
         issuing = running.authority.current_issuing_ca
         conn.send(
             {
@@ -94,7 +120,6 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
             }
         )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
@@ -103,7 +128,37 @@ def _worker_main(settings_json: str, index: int, conn: Connection) -> None:
             await running.stop()
         return 0
 
-    sys.exit(asyncio.run(run()))
+    try:
+        sys.exit(asyncio.run(run()))
+    finally:
+        _remove_metrics_if_orphaned(supervisor_pid)
+
+
+def sweep_metrics_dirs(parent: str | None = None) -> list[str]:
+    """Remove metrics directories left by supervisors that are no longer running.
+
+    A directory is ``meshca-metrics-<pid>-<random>``; it is removed only if it belongs to
+    this user and no process ``pid`` exists (a pid reused since is left alone, safely).
+    Returns the paths removed.
+    """
+    removed = []
+    base = parent or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            name = entry.name
+            if not name.startswith(METRICS_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = name[len(METRICS_PREFIX) :].split("-", 1)[0]
+            if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+            except PermissionError:
+                continue
+    return removed
 
 
 class Supervisor:
@@ -115,39 +170,59 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._stop = threading.Event()
-        self._metrics_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._claims: list[PortClaim] = []
 
     def _spawn(self, index: int, settings_json: str) -> _Worker:
         parent, child = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_worker_main, args=(settings_json, index, child), name=f"meshca-worker-{index}"
+            target=_worker_main,
+            args=(settings_json, index, child, os.getpid()),
+            name=f"meshca-worker-{index}",
         )
-        process.start()
+        # The worker inherits SIGINT ignored: Ctrl-C reaches the whole process group, and
+        # the supervisor alone decides what it means (SIGTERM to the workers).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         child.close()
         return _Worker(index, process, parent, time.monotonic())
 
-    def prepare(self) -> Settings:
-        """Migrate, create or check the root, and pin every listener to a concrete port."""
-        from meshca.server import prepare_state
+    def claim_ports(self) -> Settings:
+        """Claim every listener's port for this server alone; pin port 0 to a concrete one."""
+        from meshca.server import split_host_port
 
-        prepare_state(self._settings)
-        reserved: dict[str, Any] = {}
-        self._held: list[socket.socket] = []
+        pinned: dict[str, Any] = {}
         for name, what in LISTENERS.items():
             listen = getattr(self._settings, name)
             if not listen or (name == "grpc_mtls_listen" and self._settings.plaintext):
                 continue
-            address, sock = _reserve(listen, what)
-            reserved[name] = address
-            self._held.append(sock)
-        return self._settings.model_copy(update=reserved)
+            host, port = split_host_port(listen, f"{name} address")
+            held = claim(host, port, what)
+            self._claims.append(held)
+            pinned[name] = held.address
+        return self._settings.model_copy(update=pinned)
 
     def run(self) -> int:
         """Serve until a signal; returns the process exit code."""
-        settings = self.prepare()
-        self._metrics_dir = tempfile.TemporaryDirectory(prefix="meshca-metrics-")
-        os.environ[MULTIPROC_ENV] = self._metrics_dir.name
-        settings_json = settings.model_dump_json()
+        from meshca.server import prepare_state
+
+        try:
+            settings = self.claim_ports()
+            sweep_metrics_dirs()
+            prepare_state(settings)
+            with tempfile.TemporaryDirectory(prefix=f"{METRICS_PREFIX}{os.getpid()}-") as metrics:
+                os.environ[MULTIPROC_ENV] = metrics
+                try:
+                    return self._serve(settings.model_dump_json())
+                finally:
+                    os.environ.pop(MULTIPROC_ENV, None)
+        finally:
+            for held in self._claims:
+                held.release()
+
+    def _serve(self, settings_json: str) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         try:
@@ -156,14 +231,10 @@ class Supervisor:
             code = self._await_ready()
             if code:
                 return code
-            for sock in self._held:
-                sock.close()
             self._announce()
             return self._watch(settings_json)
         finally:
             self._stop_all()
-            self._metrics_dir.cleanup()
-            os.environ.pop(MULTIPROC_ENV, None)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop.set()
@@ -172,12 +243,17 @@ class Supervisor:
         """Wait (bounded) for every first worker's ready message; non-zero if one failed."""
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         for worker in self._workers.values():
-            remaining = max(0.0, deadline - time.monotonic())
-            if not worker.conn.poll(remaining):
-                log.error(
-                    "worker %d did not become ready within %gs", worker.index, READY_TIMEOUT_SECONDS
-                )
-                return 1
+            while not worker.conn.poll(0.1):
+                if self._stop.is_set():
+                    print("meshca: interrupted during start-up", file=sys.stderr, flush=True)
+                    return INTERRUPTED
+                if time.monotonic() > deadline:
+                    log.error(
+                        "worker %d did not become ready within %gs",
+                        worker.index,
+                        READY_TIMEOUT_SECONDS,
+                    )
+                    return 1
             try:
                 message = worker.conn.recv()
             except EOFError:
@@ -188,8 +264,8 @@ class Supervisor:
                 )
                 return 1
             if "error" in message:
-                print(f"meshca: error: {message['error']}", flush=True)
-                return 2 if message.get("config") else 1
+                print(f"meshca: error: {message['error']}", file=sys.stderr, flush=True)
+                return int(message["code"])
             worker.ready = message
         return 0
 
@@ -262,5 +338,3 @@ class Supervisor:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
-        for sock in getattr(self, "_held", []):
-            sock.close()

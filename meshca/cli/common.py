@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from meshca.config import Settings, load_settings
-from meshca.errors import ConfigError, MeshcaError
+from meshca.errors import ConfigError, MeshcaError, SignerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,17 +68,42 @@ def load(config_file: Path | None, **overrides: Any) -> Settings:
         fail(exc.message, 2)
 
 
+EXIT_CODES = """\b
+Exit codes:
+  0    stopped by SIGINT or SIGTERM after start-up
+  1    failed at run time, or at start for a reason that may pass by itself
+       (database, HSM or KMS unreachable): retrying may help
+  2    refused to start: a flag, the config, or what they point to must be fixed
+       first (bad value, port in use, no root, wrong HSM PIN, key not found)
+  130  interrupted (SIGINT, Ctrl-C) during start-up"""
+"""The exit code scheme, shown in ``--help`` (a supervisor such as systemd can keep
+restarting on 1 and stop on 2: ``RestartPreventExitStatus=2``)."""
+
+TRANSIENT_SIGNER_REASONS = frozenset(
+    {"signer_unavailable", "signer_closed", "sign_failed", "kms_error", "key_version_not_ready"}
+)
+"""Signer failures that may pass without the operator doing anything."""
+
+
+def exit_code(exc: MeshcaError) -> int:
+    """2 when the operator must change something before a retry can work, else 1."""
+    if isinstance(exc, ConfigError):
+        return 2
+    if isinstance(exc, SignerError) and exc.reason not in TRANSIENT_SIGNER_REASONS:
+        return 2
+    return 1
+
+
 def reports_errors(func: F) -> F:
-    """Turn meshca errors into one clear line on stderr and a non-zero exit code."""
+    """Turn meshca errors into one clear line on stderr and an exit code from
+    :data:`EXIT_CODES`."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
-            fail(exc.message, 2)
         except MeshcaError as exc:
-            fail(exc.message, 1)
+            fail(exc.message, exit_code(exc))
 
     return wrapper  # type: ignore[return-value]
 

@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from meshca.cli.common import env_option, load, reports_errors, settings_options, setup_logging
+from meshca.cli.common import (
+    EXIT_CODES,
+    env_option,
+    load,
+    reports_errors,
+    settings_options,
+    setup_logging,
+)
 from meshca.durations import parse_duration
+
+SIGNER_HELP = """\b
+Root key (signer), chosen in the config file's signer: section or by MESHCA_SIGNER__*
+variables (no flags: the choice belongs with the key's other settings):
+  kind: file     root key in <state-dir>/root-key.pem, created on first start
+                 (development only)
+  kind: pkcs11   an HSM: module, token_label, key_label; the user PIN from
+                 MESHCA_PKCS11_PIN (or pin_env / pin_file), never a flag
+  kind: gcpkms   Cloud KMS: key_version projects/P/locations/L/keyRings/R/
+                 cryptoKeys/K/cryptoKeyVersions/N
+  e.g. MESHCA_SIGNER__KIND=pkcs11 MESHCA_SIGNER__MODULE=/usr/lib/softhsm/libsofthsm2.so
+       MESHCA_SIGNER__TOKEN_LABEL=meshca
+With pkcs11 or gcpkms, create the root first: meshca admin root create --help.
+issuing_key: memory (default) keeps intermediate keys in process memory; hsm keeps
+them in the PKCS#11 token too (MESHCA_ISSUING_KEY=hsm)."""
 
 
 class DurationParam(click.ParamType):  # type: ignore[type-arg]
@@ -34,7 +55,7 @@ class DurationParam(click.ParamType):  # type: ignore[type-arg]
 DURATION = DurationParam()
 
 
-@click.command()
+@click.command(epilog=SIGNER_HELP + "\n\n" + EXIT_CODES)
 @settings_options
 @env_option(
     "--trust-domain", env="TRUST_DOMAIN", help="SPIFFE trust domain [default: cluster.local]."
@@ -195,11 +216,16 @@ def server(config_file: Path | None, **flags: object) -> None:
     settings = load(config_file, **flags)
     setup_logging(settings.log_level, background=True)
     workers = settings.workers or os.cpu_count() or 1
-    if workers > 1:
-        from meshca.supervisor import Supervisor
+    try:
+        if workers > 1:
+            from meshca.supervisor import Supervisor
 
-        sys.exit(Supervisor(settings, workers).run())
-    from meshca.server import serve
+            sys.exit(Supervisor(settings, workers).run())
+        from meshca.server import serve
 
-    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        # Once serving, SIGINT stops the server gracefully (exit 0); a KeyboardInterrupt
+        # that gets here came before: no traceback, the code a shell gives SIGINT.
+        click.echo("meshca: interrupted during start-up", err=True)
+        sys.exit(130)

@@ -233,7 +233,10 @@ def _login_error(token: Token, pin: Pin, exc: PKCS11Error) -> SignerError:
     name = describe(exc)
     if name.startswith(("PinIncorrect", "PinInvalid", "PinLenRange")):
         return SignerError(
-            f"the user PIN from {pin.source} was refused by token {token.label!r} ({name})",
+            f"the user PIN from {pin.source} was refused by token {token.label!r} ({name}); "
+            f"put the token's user PIN in {pin.source} (signer.pin_env or signer.pin_file "
+            "say where it is read) and start again; each wrong PIN counts toward locking "
+            "the token",
             reason="pin_incorrect",
         )
     if name.startswith(("PinLocked", "PinExpired")):

@@ -71,7 +71,12 @@ async def run_meshca(*args: str, env: dict[str, str] | None = None) -> tuple[int
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:
+        process.kill()  # e.g. a server that should have refused to start
+        await process.wait()
+        raise
     return process.returncode or 0, out.decode(), err.decode()
 
 
@@ -82,6 +87,29 @@ async def processes() -> AsyncIterator[list[ServerProcess]]:
     yield started
     for server in started:
         await server.stop()
+
+
+def worker_pids(pid: int) -> list[int]:
+    """Live worker processes of the supervisor ``pid`` (spawned multiprocessing children)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    found = []
+    for child in path.read_text().split() if path.exists() else []:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_text()
+        except OSError:
+            continue
+        if "spawn_main" in cmdline and is_running(int(child)):
+            found.append(int(child))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def loopback_args(state_dir: Path, workers: int = 1) -> list[str]:

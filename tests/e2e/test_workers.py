@@ -11,7 +11,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import ServerProcess, loopback_args, run_meshca, start_meshca
+from tests.e2e.conftest import (
+    ServerProcess,
+    loopback_args,
+    run_meshca,
+    start_meshca,
+    worker_pids,
+)
 from tests.fakes.kube import FakeKubeApi
 from tests.support import create_certificate, load_chain, make_csr, tls_channel
 
@@ -22,21 +28,6 @@ async def _get(port: int, path: str) -> str:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
             return await resp.text()
-
-
-def _workers(pid: int) -> list[int]:
-    """Live worker processes of the supervisor ``pid`` (spawned multiprocessing children)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    found = []
-    for child in path.read_text().split() if path.exists() else []:
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_text()
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if "spawn_main" in cmdline and state != "Z":
-            found.append(int(child))
-    return found
 
 
 async def _issue_many(server: ServerProcess, kube: FakeKubeApi, count: int) -> set[str]:
@@ -81,15 +72,15 @@ async def test_workers_share_ports_and_one_ledger(
         )
         assert float(issued.split()[-1]) == 60.0  # summed over both workers
 
-        workers = _workers(server.process.pid)
+        workers = worker_pids(server.process.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         for _ in range(150):  # bounded: the supervisor restarts it within seconds
             await asyncio.sleep(0.2)
-            now = _workers(server.process.pid)
+            now = worker_pids(server.process.pid)
             if workers[0] not in now and len(now) == 2:
                 break
-        now = _workers(server.process.pid)
+        now = worker_pids(server.process.pid)
         assert workers[0] not in now and len(now) == 2, now
         await _issue_many(server, kube, 10)
         assert await server.stop() == 0

@@ -1,0 +1,188 @@
+"""One ``meshca server`` per port: a second server (or any other program) on the same
+ports is refused, and workers never outlive their supervisor, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from meshca.pki.profile import fingerprint
+from meshca.supervisor import METRICS_PREFIX, sweep_metrics_dirs
+from tests.e2e.conftest import (
+    MESHCA,
+    ServerProcess,
+    is_running,
+    run_meshca,
+    start_meshca,
+    worker_pids,
+)
+from tests.fakes.kube import FakeKubeApi
+from tests.support import create_certificate, load_chain, make_csr, tls_channel, uri_sans
+
+pytestmark = pytest.mark.e2e
+
+
+def _args(state: Path, grpc: int = 0, http: int = 0, *extra: str) -> list[str]:
+    return [
+        "--workers",
+        "2",
+        "--state-dir",
+        str(state),
+        "--grpc-listen",
+        f"127.0.0.1:{grpc}",
+        "--grpc-mtls-listen",
+        "off",
+        "--http-listen",
+        f"127.0.0.1:{http}",
+        *extra,
+    ]
+
+
+async def _bundle(port: int) -> bytes:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/v1/bundle") as resp:
+            return await resp.read()
+
+
+async def _chains(server: ServerProcess, kube: FakeKubeApi, connections: int) -> list[list[str]]:
+    """One certificate per new connection (each may land on any socket of the port)."""
+    root = await _bundle(server.http_port)
+    token = kube.mint_token("default", "web")
+    chains = []
+    for _ in range(connections):
+        async with tls_channel(f"127.0.0.1:{server.grpc_port}", root) as channel:
+            chains.append(await create_certificate(channel, make_csr(None)[1], token=token))
+    return chains
+
+
+async def test_a_second_server_on_the_same_ports_is_refused(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    async with FakeKubeApi() as kube:
+        first = await start_meshca(_args(tmp_path / "a", 0, 0, "--k8s-oidc-issuer", kube.issuer))
+        processes.append(first)
+        other_state = tmp_path / "b"
+        code, out, err = await run_meshca(
+            "server",
+            *_args(other_state, first.grpc_port, 0, "--k8s-oidc-issuer", kube.issuer),
+        )
+        assert code == 2, (out, err)
+        assert "ready" not in out
+        assert (
+            f"port {first.grpc_port} (gRPC) is in use by another meshca server "
+            f"(pid {first.process.pid})" in err
+        )
+        assert not (other_state / "root-key.pem").exists()  # refused before touching state
+
+        first_root = load_chain([(await _bundle(first.http_port)).decode()])[0]
+        for chain in await _chains(first, kube, 20):
+            assert fingerprint(load_chain(chain)[-1]) == fingerprint(first_root)
+
+
+async def test_a_port_another_program_listens_on_is_refused(tmp_path: Path) -> None:
+    # SO_REUSEPORT by the same user: the kernel alone would let meshca's workers join.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        code, out, err = await run_meshca("server", *_args(tmp_path, port, 0, "--plaintext"))
+    assert code == 2, (out, err)
+    assert f"port {port} (gRPC) is in use by another process (pid {os.getpid()})" in err
+
+
+async def test_workers_die_with_a_killed_supervisor(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    async with FakeKubeApi() as kube:
+        old = await start_meshca(
+            _args(tmp_path / "old", 0, 0, "--k8s-oidc-issuer", kube.issuer), env=env
+        )
+        processes.append(old)
+        workers = worker_pids(old.process.pid)
+        assert len(workers) == 2
+        assert list(tmp.glob("meshca-metrics-*"))
+
+        old.process.kill()
+        await old.process.wait()
+        for _ in range(100):  # bounded: they get SIGTERM from the kernel at once
+            if not any(is_running(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.1)
+        assert [pid for pid in workers if is_running(pid)] == []
+        for _ in range(50):  # the last worker out removes the metrics files
+            if not list(tmp.glob("meshca-metrics-*")):
+                break
+            await asyncio.sleep(0.1)
+        assert list(tmp.glob("meshca-metrics-*")) == []
+
+        # The ports are free, and only the new configuration answers on them.
+        new = await start_meshca(
+            _args(
+                tmp_path / "new",
+                old.grpc_port,
+                old.http_port,
+                "--k8s-oidc-issuer",
+                kube.issuer,
+                "--trust-domain",
+                "new.example",
+            ),
+            env=env,
+        )
+        processes.append(new)
+        for chain in await _chains(new, kube, 20):
+            assert uri_sans(load_chain(chain)[0]) == ["spiffe://new.example/ns/default/sa/web"]
+
+
+async def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
+    interrupted = 0
+    for attempt, delay in enumerate((0.3, 0.8, 1.5, 2.5)):
+        process = await asyncio.create_subprocess_exec(
+            *MESHCA,
+            "server",
+            *_args(tmp_path / str(attempt), 0, 0, "--plaintext"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, as a shell job has
+        )
+        await asyncio.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert "Traceback" not in err.decode(), (delay, err.decode())
+        if "meshca ready" in out.decode():  # started before the signal: a clean stop
+            assert process.returncode == 0, err.decode()
+        else:
+            interrupted += 1
+            assert process.returncode == 130, (delay, err.decode())
+            assert err.decode().splitlines()[-1] == "meshca: interrupted during start-up"
+        for _ in range(50):  # nothing of the process group is left running
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"processes of group {process.pid} still run after the interrupt")
+    assert interrupted >= 1, "no signal landed during start-up"
+
+
+def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
+    with subprocess.Popen(["true"]) as gone:
+        gone.wait()
+    stale = tmp_path / f"{METRICS_PREFIX}{gone.pid}-x1"
+    live = tmp_path / f"{METRICS_PREFIX}{os.getpid()}-x2"
+    for directory in (stale, live):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"\0" * 16)
+    assert sweep_metrics_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists()
