@@ -36,7 +36,7 @@ import shlex
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -47,9 +47,12 @@ from pydantic_settings import (
 from meshca.agent.credential_sources import DEFAULT_GCE_METADATA_URL
 from meshca.config import Duration, FileSettings, load_from_sources
 from meshca.durations import format_duration
-from meshca.errors import SpiffeIdError
+from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.spiffe import TrustDomain
+
+if TYPE_CHECKING:
+    from meshca.proxy.config import ProxyConfig
 
 DEFAULT_TOKEN_FILE = Path("/var/run/secrets/tokens/istio-token")
 """Where Istio's sidecar injector mounts the projected token (audience ``istio-ca``)."""
@@ -126,7 +129,35 @@ class AgentSettings(FileSettings):
     socket_group: str | None = None
     http_listen: str | None = None
     """Health (``/healthz``, ``/readyz``) and Prometheus ``/metrics``; None = off."""
+    inbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """The mTLS proxy in this process (meshca.proxy): ``LISTEN=APP_ADDR[,http]``."""
+    outbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """``LISTEN=REMOTE_ADDR,EXPECTED_SPIFFE_ID[,...][,http]`` (see ``meshca proxy``)."""
+    proxy_policy: Path | None = None
+    proxy_access_log: str = "-"
+    """Where the in-process proxy writes its JSON access log; ``-`` = standard output."""
     log_level: str = "INFO"
+
+    @field_validator("inbound", "outbound", mode="before")
+    @classmethod
+    def _split_routes(cls, value: object) -> object:
+        if isinstance(value, str):  # an environment variable: entries apart by spaces
+            return value.split()
+        return list(value) if isinstance(value, tuple) else value
+
+    @property
+    def proxy_config(self) -> ProxyConfig | None:
+        """The in-process proxy's settings, or None when no route is set."""
+        if not self.inbound and not self.outbound:
+            return None
+        from meshca.proxy.config import Inbound, Outbound, ProxyConfig
+
+        return ProxyConfig(
+            inbound=tuple(Inbound.parse(i) for i in self.inbound),
+            outbound=tuple(Outbound.parse(o) for o in self.outbound),
+            policy_file=self.proxy_policy,
+            access_log=None if self.proxy_access_log == "-" else Path(self.proxy_access_log),
+        )
 
     @field_validator("trust_domain")
     @classmethod
@@ -304,6 +335,10 @@ class AgentSettings(FileSettings):
             raise ValueError("svid_cert_file and svid_key_file are for credential 'svid' only")
 
     def _check_delivery(self) -> None:
+        try:
+            self.proxy_config  # noqa: B018 (parsed for its errors)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
         if (
             self.sds_socket is not None
             and self.workload_api_socket is not None

@@ -19,6 +19,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography import x509
@@ -36,6 +37,9 @@ from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm, UnsupportedKeyError
 from meshca.spiffe import SpiffeId
 
+if TYPE_CHECKING:
+    from meshca.proxy.run import RunningProxy
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +56,7 @@ class RunningAgent:
     http_runner: web.AppRunner | None
     http_port: int | None
     task: asyncio.Task[None] = field(init=False)
+    proxy: RunningProxy | None = None
 
     async def wait_ready(self) -> X509Credentials:
         """The first credentials (returns at once when there are some)."""
@@ -74,11 +79,19 @@ class RunningAgent:
             f"renewal at {renewal.isoformat(timespec='seconds') if renewal else '-'}; "
             f"CA {self.client.describe()}; trust {self.client.anchors.description}; "
             f"credential {s.credential} ({self.client.credential.description}); "
-            f"delivery {', '.join(name for name, _ in self.sinks) or 'none'}; "
+            f"delivery {', '.join(self.delivery()) or 'none'}; "
             f"HTTP on {http}"
         )
 
+    def delivery(self) -> list[str]:
+        names = [name for name, _ in self.sinks]
+        if self.proxy is not None:
+            names += [f"mTLS proxy {r}" for r in self.proxy.routes()]
+        return names
+
     async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
@@ -277,6 +290,15 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
         http_port=http_port,
     )
     agent.task = asyncio.create_task(engine.run(), name="meshca-agent-rotation")
+    proxy_config = settings.proxy_config
+    if proxy_config is not None:
+        from meshca.proxy.run import start_proxy
+
+        try:  # the proxy takes its credentials straight from the rotation engine's store
+            agent.proxy = await start_proxy(proxy_config, store)
+        except BaseException:
+            await agent.stop()
+            raise
     return agent
 
 

@@ -239,6 +239,32 @@ def agent_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     help="Serve /healthz, /readyz and Prometheus /metrics here [default: off].",
 )
 @agent_option(
+    "--inbound",
+    env="INBOUND",
+    multiple=True,
+    metavar="LISTEN=APP_ADDR[,http]",
+    help="Run the mTLS proxy in this process (as 'meshca proxy --inbound'; repeatable).",
+)
+@agent_option(
+    "--outbound",
+    env="OUTBOUND",
+    multiple=True,
+    metavar="LISTEN=REMOTE_ADDR,SPIFFE_ID[,...][,http]",
+    help="The in-process proxy's outbound routes (as 'meshca proxy --outbound').",
+)
+@agent_option(
+    "--proxy-policy",
+    env="PROXY_POLICY",
+    type=FILE,
+    help="The in-process proxy's policy file (as 'meshca proxy --policy').",
+)
+@agent_option(
+    "--proxy-access-log",
+    env="PROXY_ACCESS_LOG",
+    metavar="PATH|-",
+    help="The in-process proxy's access log [default: - (standard output)].",
+)
+@agent_option(
     "--log-level",
     env="LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -263,6 +289,8 @@ def agent(config_file: Path | None, **flags: object) -> None:
     from meshca.agent.config import load_agent_settings
     from meshca.errors import ConfigError
 
+    for name in ("inbound", "outbound"):  # not given: leave the config file's value
+        flags[name] = flags[name] or None
     try:
         settings = load_agent_settings(config_file, **flags)
     except ConfigError as exc:

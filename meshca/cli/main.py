@@ -11,6 +11,7 @@ try:  # meshca's modules take a second or so to import: Ctrl-C may well land her
     from meshca import __version__
     from meshca.cli.admin import admin
     from meshca.cli.agent import agent
+    from meshca.cli.proxy import proxy
     from meshca.cli.server import server
 except KeyboardInterrupt:
     # Leave at once: an interpreter half-way through imports may turn a normal exit
@@ -29,3 +30,4 @@ def main() -> None:
 main.add_command(server)
 main.add_command(admin)
 main.add_command(agent)
+main.add_command(proxy)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,7 +44,9 @@ from meshca.proxy.tls import (
 log = logging.getLogger(__name__)
 
 NOT_READY = "not ready: no certificate from the agent yet"
-REFUSAL_LINGER_SECONDS = 0.25  # a refused peer's bytes are read and dropped this long
+REFUSAL_LINGER_SECONDS = 0.25
+ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
+ACCEPT_PAUSE_SECONDS = 0.1  # a refused peer's bytes are read and dropped this long
 
 
 @dataclass
@@ -65,32 +68,31 @@ class _Refused(Exception):  # noqa: N818 (control flow, not an error)
         self.decision, self.rule, self.reason = decision, rule, reason
 
 
-def _address(transport: asyncio.BaseTransport) -> tuple[str | None, int | None]:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), int(peer[1])
+def _address(addr: object) -> tuple[str | None, int | None]:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
     return None, None
-
-
-class _Nobody:
-    def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
-        pass
-
-
-_NO_LEG = Leg(_Nobody())
 
 
 class Connection:
     """One proxied connection: its legs, its handshake, its access-log line."""
 
-    def __init__(self, state: ProxyState, direction: str, listener: str, http: bool) -> None:
+    def __init__(
+        self,
+        state: ProxyState,
+        direction: str,
+        listener: str,
+        http: bool,
+        sock: socket.socket,
+    ) -> None:
         self.state = state
         self.direction = direction
         self.listener = listener
         self.http = http
+        self.sock: socket.socket | None = sock  # until a transport owns it
         self.start_time = datetime.now(UTC)
         self.started = time.monotonic()
-        self.downstream: Leg = _NO_LEG
+        self.downstream = Leg(self)
         self.upstream: Leg | None = None
         self.record: dict[str, Any] = {}
         self.decision = "error"
@@ -102,24 +104,27 @@ class Connection:
         self._idle: asyncio.TimerHandle | None = None
 
     # life cycle -------------------------------------------------------------------
-    def accepted(self, run: Callable[[], Any]) -> None:
-        """Called from ``connection_made``: hold the bytes and start the connection's task."""
-        transport = self.downstream.transport
-        assert transport is not None
-        transport.pause_reading()
+    def start(self, run: Callable[[Connection], Coroutine[Any, Any, None]]) -> None:
+        """Count the connection and start its task (or refuse it over the limit)."""
         self.state.active += 1
         self.state.connections.add(self)
         limits = self.state.limits
         if self.state.active > limits.max_connections:
             self._working = False
-            self._refuse_now(f"max connections reached ({limits.max_connections})")
+            self.decision, self.reason = (
+                "error",
+                f"max connections reached ({limits.max_connections})",
+            )
+            self._close_socket()
+            self._maybe_finish()
             return
-        task = asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run(self))
         task.add_done_callback(self._task_done)
 
-    def _refuse_now(self, reason: str) -> None:
-        self.decision, self.reason = "error", reason
-        self.downstream.abort()
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._working = False
@@ -129,6 +134,7 @@ class Connection:
             self.downstream.abort()
             if self.upstream is not None:
                 self.upstream.abort()
+        self._close_socket()
         self._maybe_finish()
 
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
@@ -195,34 +201,81 @@ class Connection:
             raise _Refused("error", self.rule, f"upstream {host}:{port}: {detail}") from None
         return leg
 
-    async def handshake(
-        self, leg: Leg, ctx: ssl.SSLContext, *, server_side: bool
-    ) -> tuple[ssl.SSLObject, PeerIdentity]:
-        """TLS on ``leg``'s transport, then the X509-SVID checks; _Refused otherwise."""
+    async def accept_plain(self) -> Leg:
+        """Hand the accepted socket to a plain transport (the outbound application side)."""
         loop = asyncio.get_running_loop()
-        plain = leg.transport
-        assert plain is not None
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        await loop.connect_accepted_socket(lambda: self.downstream, sock)
+        return self.downstream
+
+    async def accept_tls(self, ctx: ssl.SSLContext) -> PeerIdentity:
+        """The server-side handshake on the accepted socket, then the X509-SVID checks."""
+        loop = asyncio.get_running_loop()
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        handshake = loop.connect_accepted_socket(
+            lambda: self.downstream,
+            sock,
+            ssl=ctx,
+            ssl_handshake_timeout=self.state.limits.handshake_timeout,
+        )
+        return await self._checked(self.downstream, handshake, sock)
+
+    async def connect_tls(self, host: str, port: int, ctx: ssl.SSLContext) -> PeerIdentity:
+        """Connect to the remote (connect timeout), then the client-side handshake and the
+        X509-SVID checks."""
+        loop = asyncio.get_running_loop()
+        leg = self.upstream = Leg(self)
+        timeout = self.state.limits.connect_timeout
+        sock: socket.socket | None = None
         try:
-            tls = await loop.start_tls(
-                plain,
-                leg,
-                ctx,
-                server_side=server_side,
-                ssl_handshake_timeout=self.state.limits.handshake_timeout,
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+        except TimeoutError:
+            leg.closed = True
+            if sock is not None:
+                sock.close()
+            raise _Refused(
+                "error", self.rule, f"upstream {host}:{port} did not answer within {timeout:g}s"
+            ) from None
+        except OSError as exc:
+            leg.closed = True
+            if sock is not None:
+                sock.close()
+            detail = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise _Refused("error", self.rule, f"upstream {host}:{port}: {detail}") from None
+        self.record["peer_address"], self.record["peer_port"] = _address(sock.getpeername())
+        handshake = loop.create_connection(
+            lambda: leg,
+            sock=sock,
+            ssl=ctx,
+            server_hostname=host,
+            ssl_handshake_timeout=self.state.limits.handshake_timeout,
+        )
+        return await self._checked(leg, handshake, sock)
+
+    async def _checked(
+        self,
+        leg: Leg,
+        handshake: Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]],
+        sock: socket.socket,
+    ) -> PeerIdentity:
+        try:
+            transport, _ = await handshake
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self.state.metrics.handshake_failures.labels(self.direction).inc()
             leg.closed = True
-            plain.abort()
+            sock.close()
             raise _Refused("deny", "mtls handshake", handshake_failure(exc)) from None
-        if tls is None:
-            leg.closed = True
-            raise _Refused("error", "mtls handshake", "the connection closed during the handshake")
-        assert isinstance(tls, asyncio.Transport)
-        leg.attach(tls)
-        tls.pause_reading()
-        ssl_object = tls.get_extra_info("ssl_object")
-        assert isinstance(ssl_object, ssl.SSLObject)
+        ssl_object = transport.get_extra_info("ssl_object")
+        assert ssl_object is not None
         cipher = ssl_object.cipher()
         self.record.update(
             tls_version=ssl_object.version(), tls_cipher=cipher[0] if cipher else None
@@ -237,7 +290,7 @@ class Connection:
             peer_serial=peer.serial,
             peer_not_after=peer.not_after.isoformat(),
         )
-        return ssl_object, peer
+        return peer
 
     def _trust_domain(self) -> Any:
         assert self.state.contexts is not None
@@ -310,29 +363,11 @@ class Connection:
         self.state.access_log.write(line)
 
 
-class _Accepted(Leg):
-    """The downstream leg of a new connection; starts the connection's task."""
-
-    __slots__ = ("run",)
-
-    def __init__(self, conn: Connection, run: Callable[[Connection], Any]) -> None:
-        super().__init__(conn)
-        self.run = run
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        conn = self.owner
-        assert isinstance(conn, Connection)
-        conn.accepted(lambda: self.run(conn))
-
-
 async def _run_inbound(conn: Connection, spec: Inbound) -> None:
-    client = conn.downstream
-    assert client.transport is not None
-    conn.record["peer_address"], conn.record["peer_port"] = _address(client.transport)
     try:
         ctxs = conn.contexts()
-        _, peer = await conn.handshake(client, ctxs.server, server_side=True)
+        peer = await conn.accept_tls(ctxs.server)
+        client = conn.downstream
         decision = conn.state.policy.decide(spec.listen, peer.spiffe_id)
         conn.rule = decision.rule
         if not decision.allowed:
@@ -340,22 +375,17 @@ async def _run_inbound(conn: Connection, spec: Inbound) -> None:
         server = await conn.connect_upstream(*spec.app)
         if client.closed:
             server.close()
-            raise _Refused("error", conn.rule, "the peer closed before the application answered")
+            raise _Refused("error", conn.rule, "the peer left before the application answered")
         conn.relay(client, server)
     except _Refused as exc:
         conn.refused(exc)
 
 
 async def _run_outbound(conn: Connection, spec: Outbound) -> None:
-    app = conn.downstream
-    assert app.transport is not None
-    conn.record["app_address"], conn.record["app_port"] = _address(app.transport)
     try:
+        app = await conn.accept_plain()
         ctxs = conn.contexts()
-        server = await conn.connect_upstream(*spec.remote)
-        assert server.transport is not None
-        conn.record["peer_address"], conn.record["peer_port"] = _address(server.transport)
-        _, peer = await conn.handshake(server, ctxs.client, server_side=False)
+        peer = await conn.connect_tls(*spec.remote, ctxs.client)
         for pattern in spec.expected:
             if pattern.matches(peer.spiffe_id):
                 conn.rule = f"expected {pattern}"
@@ -367,26 +397,88 @@ async def _run_outbound(conn: Connection, spec: Outbound) -> None:
                 "expected spiffe id",
                 f"the server is {peer.spiffe_id}; expected: {expected}",
             )
+        assert conn.upstream is not None
         if app.closed:
-            raise _Refused("error", conn.rule, "the application closed before the handshake ended")
-        conn.relay(app, server)
+            raise _Refused("error", conn.rule, "the application left during the handshake")
+        conn.relay(app, conn.upstream)
     except _Refused as exc:
         conn.refused(exc)
 
 
-def inbound_factory(state: ProxyState, spec: Inbound) -> Callable[[], asyncio.Protocol]:
-    def make() -> asyncio.Protocol:
-        conn = Connection(state, "inbound", spec.listen, spec.http)
-        conn.downstream = _Accepted(conn, lambda c: _run_inbound(c, spec))
-        return conn.downstream
-
-    return make
+Acceptor = Callable[[socket.socket, object], None]
 
 
-def outbound_factory(state: ProxyState, spec: Outbound) -> Callable[[], asyncio.Protocol]:
-    def make() -> asyncio.Protocol:
-        conn = Connection(state, "outbound", spec.listen, spec.http)
-        conn.downstream = _Accepted(conn, lambda c: _run_outbound(c, spec))
-        return conn.downstream
+def inbound_acceptor(state: ProxyState, spec: Inbound) -> Acceptor:
+    def accept(sock: socket.socket, addr: object) -> None:
+        conn = Connection(state, "inbound", spec.listen, spec.http, sock)
+        conn.record["peer_address"], conn.record["peer_port"] = _address(addr)
+        conn.start(lambda c: _run_inbound(c, spec))
 
-    return make
+    return accept
+
+
+def outbound_acceptor(state: ProxyState, spec: Outbound) -> Acceptor:
+    def accept(sock: socket.socket, addr: object) -> None:
+        conn = Connection(state, "outbound", spec.listen, spec.http, sock)
+        conn.record["app_address"], conn.record["app_port"] = _address(addr)
+        conn.start(lambda c: _run_outbound(c, spec))
+
+    return accept
+
+
+class Listener:
+    """A listening socket (SO_REUSEPORT) whose connections go to ``accept``.
+
+    Accepting here rather than in ``loop.create_server`` lets each connection's handshake
+    use the TLS context current at that moment (``loop.connect_accepted_socket``).
+    """
+
+    def __init__(self, sock: socket.socket, accept: Acceptor) -> None:
+        self.sock = sock
+        self._accept = accept
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._ready)
+
+    @classmethod
+    def bind(cls, host: str, port: int, accept: Acceptor, backlog: int) -> Listener:
+        """OSError when the address cannot be bound."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, accept)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: pause accepting a moment
+                log.error("accept on port %d: %s; pausing accepts", self.port, exc.strerror)
+                self._loop.remove_reader(self.sock.fileno())
+                self._loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._accept(conn, addr)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 WRITE_HIGH_WATER = 1024 * 1024
+HOLD_LIMIT = 256 * 1024  # bytes read from a side before the other side is connected
 
 
 class Owner(Protocol):
@@ -50,8 +51,8 @@ class Leg(asyncio.Protocol):
         self.observer: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Use ``transport`` (the TLS transport that replaces the plain one after start_tls)."""
@@ -84,8 +85,10 @@ class Leg(asyncio.Protocol):
             return
         self.received += len(data)
         self.active = True
-        if self.other is None:
+        if self.other is None:  # not relayed yet: hold a little, then stop reading
             self.held.append(data)
+            if self.received > HOLD_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
             return
         if self.observer is not None:
             self.observer(data)

@@ -24,7 +24,14 @@ from meshca.agent.credentials import CredentialStore
 from meshca.errors import ConfigError
 from meshca.proxy.accesslog import AccessLog
 from meshca.proxy.config import ProxyConfig, split_host_port
-from meshca.proxy.listeners import NOT_READY, ProxyState, inbound_factory, outbound_factory
+from meshca.proxy.listeners import (
+    NOT_READY,
+    Acceptor,
+    Listener,
+    ProxyState,
+    inbound_acceptor,
+    outbound_acceptor,
+)
 from meshca.proxy.metrics import ProxyMetrics, start_http
 from meshca.proxy.policy import PolicyFile
 from meshca.proxy.source import WorkloadApiSource
@@ -44,7 +51,7 @@ class RunningProxy:
     config: ProxyConfig
     state: ProxyState
     store: CredentialStore
-    servers: list[asyncio.Server]
+    servers: list[Listener]
     ports: dict[str, int]
     source: WorkloadApiSource | None
     http_runner: web.AppRunner | None = None
@@ -71,6 +78,15 @@ class RunningProxy:
             log.error("access log %s: cannot reopen: %s", self.config.access_log, exc.strerror)
         self.state.policy.check()
 
+    def routes(self) -> list[str]:
+        return [
+            f"inbound {i.listen} (port {self.ports[i.listen]}) -> {i.app[0]}:{i.app[1]}"
+            for i in self.config.inbound
+        ] + [
+            f"outbound {o.listen} (port {self.ports[o.listen]}) -> {o.remote[0]}:{o.remote[1]}"
+            for o in self.config.outbound
+        ]
+
     def status_line(self) -> str:
         ctxs = self.state.contexts
         ident = (
@@ -78,14 +94,7 @@ class RunningProxy:
             if ctxs
             else "no certificate yet"
         )
-        routes = [
-            f"inbound {i.listen} (port {self.ports[i.listen]}) -> {i.app[0]}:{i.app[1]}"
-            for i in self.config.inbound
-        ] + [
-            f"outbound {o.listen} (port {self.ports[o.listen]}) -> {o.remote[0]}:{o.remote[1]}"
-            for o in self.config.outbound
-        ]
-        return f"meshca proxy ready: {ident}; {'; '.join(routes)}"
+        return f"meshca proxy ready: {ident}; {'; '.join(self.routes())}"
 
     async def stop(self) -> None:
         for server in self.servers:
@@ -166,24 +175,21 @@ async def start_proxy(
         limits=config.limits,
         metrics=ProxyMetrics(),
     )
-    loop = asyncio.get_running_loop()
-    listeners: list[tuple[str, Callable[[], asyncio.Protocol]]] = [
-        (i.listen, inbound_factory(state, i)) for i in config.inbound
-    ] + [(o.listen, outbound_factory(state, o)) for o in config.outbound]
-    servers: list[asyncio.Server] = []
+    listeners: list[tuple[str, Acceptor]] = [
+        (i.listen, inbound_acceptor(state, i)) for i in config.inbound
+    ] + [(o.listen, outbound_acceptor(state, o)) for o in config.outbound]
+    servers: list[Listener] = []
     bound: dict[str, int] = {}
     try:
-        for listen, factory in listeners:
+        for listen, accept in listeners:
             host, port = split_host_port(listen, "listen address")
             port = (ports or {}).get(listen, port)
             try:
-                server = await loop.create_server(
-                    factory, host, port, reuse_port=True, backlog=BACKLOG
-                )
+                server = Listener.bind(host, port, accept, BACKLOG)
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
             servers.append(server)
-            bound[listen] = int(server.sockets[0].getsockname()[1])
+            bound[listen] = server.port
     except BaseException:
         for server in servers:
             server.close()
