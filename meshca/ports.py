@@ -3,8 +3,9 @@
 Worker processes share their ports with SO_REUSEPORT, and Linux lets *any* socket of the
 same effective user join such a port: a second ``meshca server`` started by mistake (another
 state directory, another root, another config) would print "ready" and take half of the
-connections. The kernel cannot be told to close the group to newcomers, so a supervisor
-claims each port in three steps, and refuses to start when one fails:
+connections. The kernel cannot be told to close the group to newcomers, so a server
+claims each port in three steps before it touches any state, and refuses to start when
+one fails:
 
 1. Reserve: bind the address with SO_REUSEPORT, not listening (port 0 becomes a concrete
    port, kept for the supervisor's life so a restarted worker can always bind it again).
@@ -19,7 +20,12 @@ claims each port in three steps, and refuses to start when one fails:
    address), so it finds every other holder: a server of another program, or workers
    left behind by a supervisor that was killed.
 
-Abstract Unix sockets and TCP ports both live in the network namespace, so the lock and
+A server of one process claims the ports the same way, then gives up the reservation
+and binds without SO_REUSEPORT (so the kernel keeps everyone else out), holding the lock.
+
+Abstract Unix sockets exist on Linux only; elsewhere steps 1 and 3 run alone (two
+servers starting at the same instant may then both start). Abstract Unix sockets and
+TCP ports both live in the network namespace, so the lock and
 the port have the same scope, and the kernel releases the lock when the process dies,
 however it dies. What this does not stop: a process of the same user that binds the port
 with SO_REUSEPORT *after* meshca started (nothing meshca can do from user space prevents
@@ -33,6 +39,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +55,17 @@ class PortClaim:
     address: str
     port: int
     _reservation: socket.socket
-    _lock: socket.socket
+    _lock: socket.socket | None
+
+    def unreserve(self) -> None:
+        """Give up the reservation but keep the lock: for a server that then binds the port
+        without SO_REUSEPORT itself (the kernel then keeps everyone else out)."""
+        self._reservation.close()
 
     def release(self) -> None:
         self._reservation.close()
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 def _format(host: str, port: int) -> str:
@@ -69,81 +82,72 @@ def _tcp_socket(host: str, *, reuse_port: bool) -> socket.socket:
 
 def claim(host: str, port: int, what: str) -> PortClaim:
     """Reserve, lock and probe ``host:port`` (see the module docstring) or raise ConfigError."""
-    listen = _format(host, port)
     reservation = _tcp_socket(host, reuse_port=True)
     try:
         reservation.bind((host, port))
     except OSError as exc:
         reservation.close()
-        raise ConfigError(
-            f"cannot listen for {what} on {listen}: {exc.strerror}{_holder_hint(port)}"
-        ) from exc
+        raise _cannot_listen(host, port, what, exc) from None
     port = reservation.getsockname()[1]
+    lock: socket.socket | None = None
     try:
-        lock = _lock(port, what)
-        try:
-            _probe(host, port, what)
-        except ConfigError:
-            lock.close()
-            raise
-    except ConfigError:
+        if sys.platform.startswith("linux"):
+            lock = _lock(port)
+        with _tcp_socket(host, reuse_port=False) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
         reservation.close()
-        raise
+        if lock is not None:
+            lock.close()
+        raise _cannot_listen(host, port, what, exc) from None
     return PortClaim(_format(host, port), port, reservation, lock)
 
 
-def _lock(port: int, what: str) -> socket.socket:
+def _lock(port: int) -> socket.socket:
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    name = f"\0{LOCK_PREFIX}{port}"
     try:
-        lock.bind(name)
+        lock.bind(_lock_name(port))
         lock.listen(8)
-    except OSError as exc:
+    except OSError:
         lock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise ConfigError(f"cannot lock port {port} for {what}: {exc.strerror}") from exc
-        holder = _lock_holder(name)
-        raise ConfigError(
-            f"port {port} ({what}) is in use by another meshca server{holder}; stop it, or "
-            "choose other ports (--grpc-listen, --grpc-mtls-listen, --http-listen)"
-        ) from None
+        raise
     return lock
 
 
-def _lock_holder(name: str) -> str:
-    """`` (pid N)`` of the process holding the abstract socket ``name``, when it answers."""
+def _lock_name(port: int) -> str:
+    return f"\0{LOCK_PREFIX}{port}"
+
+
+def _cannot_listen(host: str, port: int, what: str, exc: OSError) -> ConfigError:
+    """The refusal, naming who holds the port when it is taken."""
+    prefix = f"cannot listen for {what} on {_format(host, port)}"
+    if exc.errno != errno.EADDRINUSE or not port:
+        return ConfigError(f"{prefix}: {exc.strerror or exc}")
+    holder = _lock_holder(port)
+    if holder:
+        who = f"another meshca server ({holder})"
+    else:
+        pids = sorted(listening_pids(port))
+        who = "another process" + (f" (pid {', '.join(map(str, pids))})" if pids else "")
+    return ConfigError(
+        f"{prefix}: port {port} is in use by {who}; stop it, or choose other ports "
+        "(--grpc-listen, --grpc-mtls-listen, --http-listen)"
+    )
+
+
+def _lock_holder(port: int) -> str:
+    """``pid N`` of the meshca server holding the lock of ``port``, or "" if none answers."""
+    if not sys.platform.startswith("linux"):
+        return ""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
-            probe.connect(name)
+            probe.connect(_lock_name(port))
             creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         except OSError:
             return ""
     pid = struct.unpack("3i", creds)[0]
-    return f" (pid {pid})" if pid > 0 else ""
-
-
-def _probe(host: str, port: int, what: str) -> None:
-    with _tcp_socket(host, reuse_port=False) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise ConfigError(
-                    f"cannot listen for {what} on {_format(host, port)}: {exc.strerror}"
-                ) from exc
-            raise ConfigError(
-                f"port {port} ({what}) is in use by another process{_holder_hint(port)}; "
-                "stop it, or choose other ports (--grpc-listen, --grpc-mtls-listen, "
-                "--http-listen)"
-            ) from None
-
-
-def _holder_hint(port: int) -> str:
-    pids = listening_pids(port)
-    if not pids:
-        return ""
-    return " (pid " + ", ".join(str(p) for p in sorted(pids)) + ")"
+    return f"pid {pid}" if pid > 0 else "pid unknown"
 
 
 def listening_pids(port: int) -> set[int]:

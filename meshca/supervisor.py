@@ -59,8 +59,6 @@ HEALTHY_AFTER_SECONDS = 60.0
 LISTENERS = {"grpc_listen": "gRPC", "grpc_mtls_listen": "gRPC mTLS", "http_listen": "HTTP"}
 METRICS_PREFIX = "meshca-metrics-"
 PR_SET_PDEATHSIG = 1
-INTERRUPTED = 130
-"""The exit code of a start-up interrupted by SIGINT (128 + the signal, as shells do)."""
 
 
 @dataclass
@@ -161,6 +159,30 @@ def sweep_metrics_dirs(parent: str | None = None) -> list[str]:
     return removed
 
 
+def claim_listeners(settings: Settings) -> tuple[Settings, list[PortClaim]]:
+    """Claim the port of every listener ``settings`` turns on (:func:`meshca.ports.claim`);
+    return the settings with port 0 replaced by the port picked, and the claims to hold.
+    Raises ConfigError naming the first port another process holds."""
+    from meshca.server import split_host_port
+
+    pinned: dict[str, Any] = {}
+    claims: list[PortClaim] = []
+    try:
+        for name, what in LISTENERS.items():
+            listen = getattr(settings, name)
+            if not listen or (name == "grpc_mtls_listen" and settings.plaintext):
+                continue
+            host, port = split_host_port(listen, f"{name} address")
+            held = claim(host, port, what)
+            claims.append(held)
+            pinned[name] = held.address
+    except BaseException:
+        for held in claims:
+            held.release()
+        raise
+    return settings.model_copy(update=pinned), claims
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
@@ -171,6 +193,7 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}
         self._stop = threading.Event()
         self._claims: list[PortClaim] = []
+        self._signal = signal.SIGINT.value
 
     def _spawn(self, index: int, settings_json: str) -> _Worker:
         parent, child = self._context.Pipe(duplex=False)
@@ -191,18 +214,8 @@ class Supervisor:
 
     def claim_ports(self) -> Settings:
         """Claim every listener's port for this server alone; pin port 0 to a concrete one."""
-        from meshca.server import split_host_port
-
-        pinned: dict[str, Any] = {}
-        for name, what in LISTENERS.items():
-            listen = getattr(self._settings, name)
-            if not listen or (name == "grpc_mtls_listen" and self._settings.plaintext):
-                continue
-            host, port = split_host_port(listen, f"{name} address")
-            held = claim(host, port, what)
-            self._claims.append(held)
-            pinned[name] = held.address
-        return self._settings.model_copy(update=pinned)
+        settings, self._claims = claim_listeners(self._settings)
+        return settings
 
     def run(self) -> int:
         """Serve until a signal; returns the process exit code."""
@@ -237,6 +250,7 @@ class Supervisor:
             self._stop_all()
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum
         self._stop.set()
 
     def _await_ready(self) -> int:
@@ -246,7 +260,7 @@ class Supervisor:
             while not worker.conn.poll(0.1):
                 if self._stop.is_set():
                     print("meshca: interrupted during start-up", file=sys.stderr, flush=True)
-                    return INTERRUPTED
+                    return 128 + self._signal
                 if time.monotonic() > deadline:
                     log.error(
                         "worker %d did not become ready within %gs",

@@ -17,6 +17,7 @@ from meshca.cli.common import (
     settings_options,
     setup_logging,
 )
+from meshca.config import Settings
 from meshca.durations import parse_duration
 
 SIGNER_HELP = """\b
@@ -221,11 +222,25 @@ def server(config_file: Path | None, **flags: object) -> None:
             from meshca.supervisor import Supervisor
 
             sys.exit(Supervisor(settings, workers).run())
-        from meshca.server import serve
-
-        asyncio.run(serve(settings))
+        _serve_alone(settings)
     except KeyboardInterrupt:
         # Once serving, SIGINT stops the server gracefully (exit 0); a KeyboardInterrupt
         # that gets here came before: no traceback, the code a shell gives SIGINT.
         click.echo("meshca: interrupted during start-up", err=True)
         sys.exit(130)
+
+
+def _serve_alone(settings: Settings) -> None:
+    """One process: claim the ports like a supervisor (refused before any state is touched,
+    naming the holder), then bind them without SO_REUSEPORT, keeping only the lock."""
+    from meshca.server import serve
+    from meshca.supervisor import claim_listeners
+
+    settings, claims = claim_listeners(settings)
+    try:
+        for held in claims:
+            held.unreserve()
+        asyncio.run(serve(settings))
+    finally:
+        for held in claims:
+            held.release()

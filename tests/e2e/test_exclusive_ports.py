@@ -29,10 +29,10 @@ from tests.support import create_certificate, load_chain, make_csr, tls_channel,
 pytestmark = pytest.mark.e2e
 
 
-def _args(state: Path, grpc: int = 0, http: int = 0, *extra: str) -> list[str]:
+def _args(state: Path, grpc: int = 0, http: int = 0, *extra: str, workers: int = 2) -> list[str]:
     return [
         "--workers",
-        "2",
+        str(workers),
         "--state-dir",
         str(state),
         "--grpc-listen",
@@ -62,22 +62,23 @@ async def _chains(server: ServerProcess, kube: FakeKubeApi, connections: int) ->
     return chains
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_second_server_on_the_same_ports_is_refused(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, processes: list[ServerProcess], workers: int
 ) -> None:
     async with FakeKubeApi() as kube:
-        first = await start_meshca(_args(tmp_path / "a", 0, 0, "--k8s-oidc-issuer", kube.issuer))
+        issuer = ("--k8s-oidc-issuer", kube.issuer)
+        first = await start_meshca(_args(tmp_path / "a", 0, 0, *issuer, workers=workers))
         processes.append(first)
         other_state = tmp_path / "b"
         code, out, err = await run_meshca(
-            "server",
-            *_args(other_state, first.grpc_port, 0, "--k8s-oidc-issuer", kube.issuer),
+            "server", *_args(other_state, first.grpc_port, 0, *issuer, workers=workers)
         )
         assert code == 2, (out, err)
         assert "ready" not in out
         assert (
-            f"port {first.grpc_port} (gRPC) is in use by another meshca server "
-            f"(pid {first.process.pid})" in err
+            f"cannot listen for gRPC on 127.0.0.1:{first.grpc_port}: port {first.grpc_port} "
+            f"is in use by another meshca server (pid {first.process.pid}); stop it" in err
         )
         assert not (other_state / "root-key.pem").exists()  # refused before touching state
 
@@ -95,7 +96,7 @@ async def test_a_port_another_program_listens_on_is_refused(tmp_path: Path) -> N
         port = other.getsockname()[1]
         code, out, err = await run_meshca("server", *_args(tmp_path, port, 0, "--plaintext"))
     assert code == 2, (out, err)
-    assert f"port {port} (gRPC) is in use by another process (pid {os.getpid()})" in err
+    assert f"port {port} is in use by another process (pid {os.getpid()})" in err
 
 
 async def test_workers_die_with_a_killed_supervisor(
@@ -144,13 +145,14 @@ async def test_workers_die_with_a_killed_supervisor(
             assert uri_sans(load_chain(chain)[0]) == ["spiffe://new.example/ns/default/sa/web"]
 
 
-async def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path, workers: int) -> None:
     interrupted = 0
     for attempt, delay in enumerate((0.3, 0.8, 1.5, 2.5)):
         process = await asyncio.create_subprocess_exec(
             *MESHCA,
             "server",
-            *_args(tmp_path / str(attempt), 0, 0, "--plaintext"),
+            *_args(tmp_path / str(attempt), 0, 0, "--plaintext", workers=workers),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, as a shell job has
