@@ -75,7 +75,7 @@ Exit codes:
        (database, HSM or KMS unreachable): retrying may help
   2    refused to start: a flag, the config, or what they point to must be fixed
        first (bad value, port in use, no root, wrong HSM PIN, key not found)
-  130  interrupted (SIGINT, Ctrl-C) during start-up"""
+  130  interrupted during start-up by SIGINT (Ctrl-C); 143 by SIGTERM"""
 """The exit code scheme, shown in ``--help`` (a supervisor such as systemd can keep
 restarting on 1 and stop on 2: ``RestartPreventExitStatus=2``)."""
 
