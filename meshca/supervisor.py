@@ -99,9 +99,14 @@ def _worker_main(settings_json: str, index: int, conn: Connection, supervisor_pi
     async def run() -> int:
         loop = asyncio.get_running_loop()
         parent = multiprocessing.parent_process()
-        if parent is not None and parent.sentinel is not None:
-            # Readable (EOF) once the supervisor is gone: stop as PDEATHSIG would.
-            loop.add_reader(parent.sentinel, os.kill, os.getpid(), signal.SIGTERM)
+        sentinel = parent.sentinel if parent is not None else None
+        if sentinel is not None:
+            # Readable (EOF) once the supervisor is gone: stop as PDEATHSIG would, once.
+            def parent_gone() -> None:
+                loop.remove_reader(sentinel)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            loop.add_reader(sentinel, parent_gone)
         try:
             running = await start_server(settings, reuse_port=True, migrate=False)
         except MeshcaError as exc:
