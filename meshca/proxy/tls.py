@@ -17,6 +17,7 @@ never through a file on disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import Iterator
@@ -56,9 +57,28 @@ def check_peer(der: bytes | None, trust_domain: TrustDomain) -> PeerIdentity:
 
     X509-SVID 2 and 3: exactly one URI SAN, a valid SPIFFE ID with a path, in our trust
     domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused).
+
+    A peer presents the same certificate on every connection until it rotates, so the
+    answer is cached by the certificate's bytes (refusals too); OpenSSL has already
+    checked the chain and the validity period for this handshake.
     """
     if not der:
         raise PeerRefusedError("the peer sent no certificate")
+    outcome = _check_cached(der, trust_domain)
+    if isinstance(outcome, str):
+        raise PeerRefusedError(outcome)
+    return outcome
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_cached(der: bytes, trust_domain: TrustDomain) -> PeerIdentity | str:
+    try:
+        return _check(der, trust_domain)
+    except PeerRefusedError as exc:
+        return exc.reason
+
+
+def _check(der: bytes, trust_domain: TrustDomain) -> PeerIdentity:
     cert = x509.load_der_x509_certificate(der)
     try:
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
