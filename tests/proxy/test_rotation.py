@@ -76,3 +76,38 @@ async def test_rotation_under_traffic(ca: LocalCA, echo: Echo, tmp_path: Path) -
     assert len({line["peer_serial"] for line in front_log}) >= ROTATIONS // 2
     longest = max(back_log, key=lambda line: line["bytes_received"])
     assert longest["bytes_received"] == streamed
+
+
+async def test_a_new_trust_bundle_applies_to_the_next_handshake(
+    ca: LocalCA, echo: Echo, tmp_path: Path
+) -> None:
+    from tests.proxy.support import client_context, identity_files, tls_exchange
+
+    store = CredentialStore()
+    await ca.publish(store, BACKEND)
+    new_ca = LocalCA()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old_client = identity_files(ca, tmp_path / "old", FRONTEND)
+    new_client = identity_files(new_ca, tmp_path / "new", FRONTEND)
+    cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",))
+    async with proxy(cfg, store) as running:
+        await running.wait_ready()
+        port = running.ports[LISTEN]
+        assert await tls_exchange(port, client_context(old_client, old_client.roots)) == b"ping"
+        # The trust domain moves to a new root: our SVID and bundle come from it.
+        await new_ca.publish(store, BACKEND)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while running.state.contexts is None or running.state.contexts.creds.version < 2:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert await tls_exchange(port, client_context(new_client, new_client.roots)) == b"ping"
+        try:
+            refused = await tls_exchange(port, client_context(old_client, new_client.roots))
+        except (ConnectionError, OSError):
+            refused = b""
+        assert refused == b""
+    lines = read_log(tmp_path / "access.log")
+    assert [line["decision"] for line in lines] == ["allow", "allow", "deny"]
+    assert lines[2]["reason"] == "certificate verify failed: unable to get local issuer certificate"
