@@ -11,10 +11,12 @@ signed by the root), the same applications and the same clients, one after the o
 
 - handshakes/s: ``openssl s_time -new -www /`` (``--clients`` processes in parallel) against
   the inbound sidecar: a full TLS 1.3 handshake with a client certificate, one HTTP/1.0
-  request answered by the app, close. Session resumption is off on both.
+  request answered by the app, close. Session resumption is off on both. Each timed
+  window follows a 2 s warm-up.
 - requests/s: ``wrk`` with kept-alive HTTP/1.1 connections through both sidecars (wrk
   has no client certificates, so it speaks plain HTTP to the outbound sidecar).
-- MB/s: one connection through both sidecars reading ``--bulk-mb`` from a sendfile server.
+- MB/s: one connection through both sidecars reading ``--bulk-mb`` from a sendfile server
+  (median of three, after a warm-up read).
 - added latency: one kept-alive connection, sequential small HTTP requests; p50/p99
   round trip through both sidecars minus the same directly to the app.
 
@@ -34,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,8 @@ FRONTEND = TD.workload("bench", "frontend")
 BACKEND = TD.workload("bench", "backend")
 CLIENT = TD.workload("bench", "client")
 LATENCY_SAMPLES = 3000
+WARMUP_SECONDS = 2
+BULK_RUNS = 3  # the median is reported
 REQUEST = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n"
 
 
@@ -433,11 +438,15 @@ def measure(
 ) -> dict[str, float]:
     secs = float(args.duration)
     print(f"[{name}] handshakes ...", file=sys.stderr, flush=True)
+    handshakes(ports.in_http, files, WARMUP_SECONDS, args.clients)
     hs = handshakes(ports.in_http, files, secs, args.clients)
     print(f"[{name}] wrk ...", file=sys.stderr, flush=True)
+    wrk(ports.out_http, WARMUP_SECONDS, args.connections)
     rps = wrk(ports.out_http, secs, args.connections)
     print(f"[{name}] bulk ...", file=sys.stderr, flush=True)
-    mbs = bulk(ports.out_bulk, args.bulk_mb * 1_000_000)
+    size = args.bulk_mb * 1_000_000
+    bulk(ports.out_bulk, size)  # warm-up: TCP windows, caches
+    mbs = statistics.median(bulk(ports.out_bulk, size) for _ in range(BULK_RUNS))
     print(f"[{name}] latency ...", file=sys.stderr, flush=True)
     rt = round_trips(ports.out_http, LATENCY_SAMPLES)
     return {
