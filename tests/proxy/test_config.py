@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,22 @@ def test_meshca_proxy_names_an_unreadable_policy(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert f"cannot read the policy {tmp_path / 'missing.yaml'}" in result.stderr
+
+
+def test_agent_settings_turn_on_the_in_process_proxy(tmp_path: Path) -> None:
+    from meshca.agent.config import load_agent_settings
+
+    base = {"ca_address": "ca:15012", "ca_trust_bundle": tmp_path / "root.pem"}
+    settings = load_agent_settings(
+        **base,
+        inbound=("127.0.0.1:8443=127.0.0.1:8080,http",),
+        outbound=("127.0.0.1:9001=10.0.0.7:8443,spiffe://cluster.local/ns/a/sa/b",),
+        proxy_access_log=str(tmp_path / "access.log"),
+    )
+    config = settings.proxy_config
+    assert config is not None
+    assert config.inbound[0].http and config.outbound[0].remote == ("10.0.0.7", 8443)
+    assert config.access_log == tmp_path / "access.log"
+    assert load_agent_settings(**base).proxy_config is None
+    with pytest.raises(ConfigError, match=re.escape("--inbound '127.0.0.1:8443' must be LISTEN=")):
+        load_agent_settings(**base, inbound=("127.0.0.1:8443",))

@@ -76,7 +76,7 @@ async def test_three_workloads_with_agents_over_the_socket_and_in_process(
 ) -> None:
     ca = await start_ca()
     socket_path = sock_dir / "web.sock"
-    await agent_for(ca, agents, tmp_path / "web", "web", workload_api_socket=socket_path)
+    web = await agent_for(ca, agents, tmp_path / "web", "web", workload_api_socket=socket_path)
     policy = tmp_path / "policy.yaml"
     policy.write_text(json.dumps({"listeners": {LISTEN: {"allow": [FRONTEND]}}}))
     back_cfg = config(
@@ -105,16 +105,28 @@ async def test_three_workloads_with_agents_over_the_socket_and_in_process(
         await intruder.proxy.wait_ready()
         assert await plain_exchange(front.proxy.ports[LISTEN], b"hello web") == b"hello web"
         assert await plain_exchange(intruder.proxy.ports[LISTEN], b"let me in") == b""
-        lines = await wait_for_log(tmp_path / "web.log", lambda lines: len(lines) == 2, "2")
-        (out,) = await wait_for_log(tmp_path / "frontend.log", lambda lines: len(lines) == 1, "1")
-    allowed = next(line for line in lines if line["decision"] == "allow")
+        # The agent renews: the proxy learns it over the socket; new handshakes use it.
+        assert back.state.contexts is not None
+        first_serial = back.state.contexts.creds.leaf.serial_number
+        web.engine.renew_now()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while back.state.contexts.creds.leaf.serial_number == first_serial:
+            assert loop.time() < deadline, "the renewed SVID did not reach the proxy"
+            await asyncio.sleep(0.05)
+        assert await plain_exchange(front.proxy.ports[LISTEN], b"after renewal") == b"after renewal"
+        lines = await wait_for_log(tmp_path / "web.log", lambda lines: len(lines) == 3, "3")
+    allowed, renewed = [line for line in lines if line["decision"] == "allow"]
     refused = next(line for line in lines if line["decision"] == "deny")
+    (out, *_) = await wait_for_log(tmp_path / "frontend.log", lambda lines: len(lines) == 2, "2")
+    assert renewed["peer_spiffe_id"] == FRONTEND
+    assert out["peer_serial"] == format(first_serial, "x")
     assert allowed["peer_spiffe_id"] == FRONTEND and allowed["local_spiffe_id"] == WEB
     assert allowed["peer_address"] == "127.0.0.1"
     assert refused["peer_spiffe_id"] == INTRUDER
     assert refused["rule"] == f"default deny: no allow rule of {LISTEN} matches"
     assert out["peer_spiffe_id"] == WEB and out["local_spiffe_id"] == FRONTEND
-    assert echo.accepted == 1
+    assert echo.accepted == 2
     assert "mTLS proxy outbound" in front.status_line()
 
 
