@@ -146,7 +146,6 @@ async def test_meshca_proxy_with_two_workers_serves_and_stops_cleanly(
 ) -> None:
     ca = await start_ca()
     socket_path = sock_dir / "web.sock"
-    await agent_for(ca, agents, tmp_path / "web", "web", workload_api_socket=socket_path)
     client_agent = await agent_for(ca, agents, tmp_path / "frontend", "frontend")
     creds = client_agent.store.current()
     assert creds is not None
@@ -173,6 +172,20 @@ async def test_meshca_proxy_with_two_workers_serves_and_stops_cleanly(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
+        # Started before the agent: up, but not ready, and saying why.
+        async with aiohttp.ClientSession() as session:
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{http_port}/readyz") as resp:
+                        status, text = resp.status, await resp.text()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert asyncio.get_running_loop().time() < deadline, "no health port"
+                    await asyncio.sleep(0.1)
+        assert status == 503
+        assert text == "not ready\n2 worker(s) without a certificate yet\n"
+        await agent_for(ca, agents, tmp_path / "web", "web", workload_api_socket=socket_path)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line.startswith(f"meshca proxy ready: {WEB} valid until"), line
@@ -195,6 +208,13 @@ async def test_meshca_proxy_with_two_workers_serves_and_stops_cleanly(
         assert all(entry["peer_spiffe_id"] == FRONTEND for entry in lines)
         allowed = 'meshca_proxy_connections_total{decision="allow",direction="inbound"} 20.0'
         assert allowed in metrics
+        # SIGHUP (as logrotate's postrotate sends it) reopens the access log in every worker.
+        log.rename(tmp_path / "access.log.1")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        for _ in range(4):
+            assert await tls_exchange(port, client_context(files, files.roots)) == b"ping"
+        await wait_for_log(log, lambda lines: len(lines) == 4, "4 lines in the reopened log")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
