@@ -365,7 +365,9 @@ async def _start(
         signer_ok_until = time.monotonic() + SIGNER_PROBE_INTERVAL.total_seconds()
 
     async def check_database() -> None:
-        await asyncio.to_thread(store.ping)
+        problems = await asyncio.to_thread(store.ledger_problems)
+        if problems:
+            raise StoreError("; ".join(problems), reason="ledger_not_writable")
 
     checks: dict[str, Callable[[], Awaitable[None]]] = {
         "signer": check_signer,

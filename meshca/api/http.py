@@ -3,7 +3,8 @@
 GET /v1/bundle                  PEM trust bundle (every root relying parties trust)
 GET /v1/bundle?format=spiffe    SPIFFE bundle JSON (JWKS with x509-svid keys)
 GET /healthz                    the process is up
-GET /readyz                     200 only when the signer and the database answer
+GET /readyz                     200 only when the signer signs and a ledger append could
+                                succeed now; else 503 naming each failure
 GET /metrics                    Prometheus text format
 """
 

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from meshca.errors import StoreError
-from meshca.store import migrate
+from meshca.store import migrate, readiness
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
 from meshca.store.chain import LedgerRow, NewIssuance
@@ -198,6 +198,23 @@ class Store:
         except SQLAlchemyError as exc:
             error = wrap_error("pinging the database", exc, self._url)
             raise StoreError(error.message, reason="database_unavailable") from exc
+
+    def ledger_problems(
+        self,
+        *,
+        lock_timeout: float = readiness.LOCK_TIMEOUT_SECONDS,
+        min_free_bytes: int = readiness.MIN_FREE_BYTES,
+    ) -> list[str]:
+        """Why a ledger append could not succeed now (schema, write lock, disk); empty
+        when it could. Writes nothing: see :mod:`meshca.store.readiness`."""
+        return readiness.ledger_problems(
+            self._engine,
+            self._url,
+            self._ledger_append,
+            HEAD_ID,
+            lock_timeout=lock_timeout,
+            min_free_bytes=min_free_bytes,
+        )
 
     # -- roots and intermediates ------------------------------------------------------
 
