@@ -379,6 +379,13 @@ class Settings(FileSettings):
     grpc_max_connection_age: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(minutes=30)
     """Clients are asked (GOAWAY) to reconnect after this long, so long-lived connections
     spread again over workers and replicas; RPCs in flight get a minute to finish."""
+    http_max_connections: int | None = Field(default=None, ge=1)
+    """HTTP connections one process holds at once (one peer address: a quarter of them);
+    more are answered 503 and closed. Default: a quarter of the open-file limit, at
+    most 256, so the HTTP port never takes the descriptors issuance needs."""
+    http_idle_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
+    """An HTTP connection that sends no complete request header this long after it
+    connects, or after its last response, is closed."""
     max_in_flight: int = Field(default=512, ge=1)
     """Certificate requests one process works on at once; more get RESOURCE_EXHAUSTED."""
     rate_limit_per_peer: str | None = "500/second"

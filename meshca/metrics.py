@@ -53,6 +53,29 @@ class CAMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.http_connections = Gauge(
+            "meshca_http_connections",
+            "Open connections on the HTTP port (bundle, health, metrics).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.http_refused = Counter(
+            "meshca_http_connections_refused",
+            "HTTP connections closed on arrival, by reason (cap: the process's cap was "
+            "reached; peer_cap: that peer address holds its share).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.http_timed_out = Counter(
+            "meshca_http_connections_timed_out",
+            "HTTP connections closed for sending no complete request in time.",
+            registry=self.registry,
+        )
+        self.http_bad_requests = Counter(
+            "meshca_http_bad_requests",
+            "Malformed HTTP requests (answered 400 and closed).",
+            registry=self.registry,
+        )
         self._root_expiry = Gauge(
             "meshca_root_expiry_seconds",
             "Seconds until the active root CA certificate expires.",

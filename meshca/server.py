@@ -27,6 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshca.api.admission import Admission, AdmissionLimits
 from meshca.api.grpc import CertificateFrontend, add_services, server_options
 from meshca.api.http import build_app
+from meshca.api.http_guard import (
+    ConnectionGuard,
+    GuardedSite,
+    HttpLimits,
+    raise_file_limit,
+    runner_options,
+)
 from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.gce import GceAuthenticator, TokenLedger
@@ -373,11 +380,18 @@ async def _start(
         "signer": check_signer,
         "database": check_database,
     }
-    runner = web.AppRunner(build_app(authority, metrics, checks), access_log=None)
+    guard = ConnectionGuard(
+        HttpLimits.resolve(
+            settings.http_max_connections, settings.http_idle_timeout, raise_file_limit()
+        ),
+        metrics,
+    )
+    app = build_app(authority, metrics, checks, middlewares=[guard.middleware])
+    runner = web.AppRunner(app, **runner_options(guard))
     await runner.setup()
     undo.push_async_callback(runner.cleanup)
     try:
-        await web.TCPSite(runner, http_host, http_port, reuse_port=reuse_port).start()
+        await GuardedSite(runner, http_host, http_port, guard, reuse_port=reuse_port).start()
     except OSError as exc:
         raise ConfigError(f"cannot listen for HTTP on {settings.http_listen}: {exc}") from exc
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from meshca.ca.authority import Authority
@@ -73,9 +74,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    authority: Authority, ca_metrics: CAMetrics, checks: dict[str, ReadinessCheck]
+    authority: Authority,
+    ca_metrics: CAMetrics,
+    checks: dict[str, ReadinessCheck],
+    *,
+    middlewares: Iterable[Middleware] = (),
 ) -> web.Application:
-    app = web.Application(client_max_size=4096)
+    app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[AUTHORITY_KEY] = authority
     app[METRICS_KEY] = ca_metrics
     app[CHECKS_KEY] = checks

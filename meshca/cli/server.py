@@ -179,6 +179,20 @@ DURATION = DurationParam()
     "finish), so connections spread again over workers and replicas [default: 30m].",
 )
 @env_option(
+    "--http-max-connections",
+    env="HTTP_MAX_CONNECTIONS",
+    type=click.IntRange(1),
+    help="HTTP connections one process holds at once (one peer: a quarter of them); more "
+    "are answered 503 [default: a quarter of the open-file limit, at most 256].",
+)
+@env_option(
+    "--http-idle-timeout",
+    env="HTTP_IDLE_TIMEOUT",
+    type=DURATION,
+    help="Close an HTTP connection that sends no complete request header this long after "
+    "connecting or after its last response [default: 10s].",
+)
+@env_option(
     "--max-in-flight",
     env="MAX_IN_FLIGHT",
     type=click.IntRange(1),
