@@ -19,6 +19,8 @@ signed by the root), the same applications and the same clients, one after the o
   (median of three, after a warm-up read).
 - added latency: one kept-alive connection, sequential small HTTP requests; p50/p99
   round trip through both sidecars minus the same directly to the app.
+- CPU per unit: the proxies' own CPU time (user + system, all processes) per handshake,
+  per request and per GB, which a shared machine disturbs less than the rates.
 
 The app is a third haproxy answering ``200 ok`` by itself (``http-request return``), so the
 app costs little and the same for both. meshca: ``meshca proxy --workers N`` (uvloop) with
@@ -56,8 +58,10 @@ from _args import duration  # noqa: E402
 from _procs import (  # noqa: E402
     BenchError,
     Children,
+    cpu_seconds,
     free_port,
     loadavg,
+    process_tree,
     read_line,
     wait_for_port,
 )
@@ -433,21 +437,39 @@ def round_trips(port: int, samples: int) -> list[float]:
     return sorted(times)
 
 
+def cpu(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds used so far by the proxies (every process of their trees)."""
+    return cpu_seconds([pid for proc in procs for pid in process_tree(proc.pid)])
+
+
 def measure(
-    name: str, ports: Ports, args: argparse.Namespace, files: dict[str, Path], direct: list[float]
+    name: str,
+    ports: Ports,
+    args: argparse.Namespace,
+    files: dict[str, Path],
+    app: int,
+    procs: list[subprocess.Popen[bytes]],
 ) -> dict[str, float]:
     secs = float(args.duration)
+    inbound = procs[:1]
     print(f"[{name}] handshakes ...", file=sys.stderr, flush=True)
     handshakes(ports.in_http, files, WARMUP_SECONDS, args.clients)
+    before = cpu(inbound)
     hs = handshakes(ports.in_http, files, secs, args.clients)
+    hs_cpu = (cpu(inbound) - before) / (hs * secs)
     print(f"[{name}] wrk ...", file=sys.stderr, flush=True)
     wrk(ports.out_http, WARMUP_SECONDS, args.connections)
+    before = cpu(procs)
     rps = wrk(ports.out_http, secs, args.connections)
+    rq_cpu = (cpu(procs) - before) / (rps * secs)
     print(f"[{name}] bulk ...", file=sys.stderr, flush=True)
     size = args.bulk_mb * 1_000_000
     bulk(ports.out_bulk, size)  # warm-up: TCP windows, caches
+    before = cpu(procs)
     mbs = statistics.median(bulk(ports.out_bulk, size) for _ in range(BULK_RUNS))
+    gb_cpu = (cpu(procs) - before) / (BULK_RUNS * size / 1e9)
     print(f"[{name}] latency ...", file=sys.stderr, flush=True)
+    direct = round_trips(app, LATENCY_SAMPLES)  # just before, on the same machine state
     rt = round_trips(ports.out_http, LATENCY_SAMPLES)
     return {
         "handshakes_per_s": hs,
@@ -457,6 +479,11 @@ def measure(
         "p99_ms": percentile(rt, 99) * 1000,
         "added_p50_ms": (percentile(rt, 50) - percentile(direct, 50)) * 1000,
         "added_p99_ms": (percentile(rt, 99) - percentile(direct, 99)) * 1000,
+        "direct_p50_ms": percentile(direct, 50) * 1000,
+        "direct_p99_ms": percentile(direct, 99) * 1000,
+        "cpu_us_per_handshake": hs_cpu * 1e6,
+        "cpu_us_per_request": rq_cpu * 1e6,
+        "cpu_s_per_gb": gb_cpu,
     }
 
 
@@ -510,14 +537,13 @@ def main() -> int:
         if not wait_for_port(app, app_proc, 30):
             raise BenchError("the app (haproxy) did not start")
         bulk_server = BulkServer(tmp, args.bulk_mb * 1_000_000)
-        direct = round_trips(app, LATENCY_SAMPLES)
         results: dict[str, dict[str, float]] = {}
         ports, procs = start_meshca(children, args, tmp, wl, app, bulk_server.port)
-        results["meshca"] = measure("meshca", ports, args, files, direct)
+        results["meshca"] = measure("meshca", ports, args, files, app, procs)
         for proc in procs:
             children.stop(proc)
         ports, procs = start_haproxy(children, args, tmp, files, app, bulk_server.port)
-        results["haproxy"] = measure("haproxy", ports, args, files, direct)
+        results["haproxy"] = measure("haproxy", ports, args, files, app, procs)
         for proc in procs:
             children.stop(proc)
         allowed = sum(
@@ -536,8 +562,6 @@ def main() -> int:
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "load_after": loadavg(),
-        "direct_p50_ms": percentile(direct, 50) * 1000,
-        "direct_p99_ms": percentile(direct, 99) * 1000,
         "meshca_inbound_allowed_connections": allowed,
         "results": results,
     }
@@ -557,13 +581,16 @@ def main() -> int:
         ("bulk_mb_per_s", "bulk MB/s"),
         ("added_p50_ms", "added p50 latency (ms)"),
         ("added_p99_ms", "added p99 latency (ms)"),
+        ("cpu_us_per_handshake", "inbound CPU us per handshake"),
+        ("cpu_us_per_request", "both sidecars' CPU us per request"),
+        ("cpu_s_per_gb", "both sidecars' CPU s per GB"),
     ):
         ratio = m[key] / h[key] if h[key] else float("nan")
         print(f"{label:32} {m[key]:12.2f} {h[key]:12.2f} {ratio:8.2f}")
     print(
-        f"direct to the app: p50 {report['direct_p50_ms']:.3f} ms, "
-        f"p99 {report['direct_p99_ms']:.3f} ms; meshca inbound allowed "
-        f"{allowed} connections (access log)"
+        f"direct to the app, just before each latency run: p50 {m['direct_p50_ms']:.3f} / "
+        f"{h['direct_p50_ms']:.3f} ms, p99 {m['direct_p99_ms']:.3f} / {h['direct_p99_ms']:.3f} "
+        f"ms; meshca inbound allowed {allowed} connections (access log)"
     )
     return 0
 
