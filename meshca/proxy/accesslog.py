@@ -17,8 +17,8 @@ operators, so one set of tools reads both)::
     decision         allow | deny | error
     rule             the policy rule or check that decided
     reason           why a connection was refused or failed   %CONNECTION_TERMINATION_DETAILS%
-    bytes_received   bytes from the peer (plaintext)                  %BYTES_RECEIVED%
-    bytes_sent       bytes to the peer (plaintext)                    %BYTES_SENT%
+    bytes_received   plaintext bytes from the peer, relayed           %BYTES_RECEIVED%
+    bytes_sent       plaintext bytes relayed to the peer              %BYTES_SENT%
     duration_ms      milliseconds from accept to close                %DURATION%
     method           HTTP listeners, per request                      %REQ(:METHOD)%
     path                                                              %REQ(:PATH)%

@@ -32,6 +32,7 @@ class Leg(asyncio.Protocol):
         "closed",
         "discard",
         "held",
+        "held_bytes",
         "observer",
         "other",
         "owner",
@@ -44,7 +45,8 @@ class Leg(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.other: Leg | None = None
         self.held: list[bytes] = []
-        self.received = 0
+        self.held_bytes = 0
+        self.received = 0  # bytes read from this side and relayed to the other
         self.active = False
         self.closed = False
         self.discard = False
@@ -66,7 +68,7 @@ class Leg(asyncio.Protocol):
             assert leg.transport is not None
             leg.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         for leg in (self, other):
-            held, leg.held = leg.held, []
+            held, leg.held, leg.held_bytes = leg.held, [], 0
             for chunk in held:
                 leg.forward(chunk)
         for leg in (self, other):
@@ -75,6 +77,7 @@ class Leg(asyncio.Protocol):
                 leg.transport.resume_reading()
 
     def forward(self, data: bytes) -> None:
+        self.received += len(data)
         if self.observer is not None:
             self.observer(data)
         assert self.other is not None and self.other.transport is not None
@@ -83,13 +86,14 @@ class Leg(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discard:
             return
-        self.received += len(data)
         self.active = True
         if self.other is None:  # not relayed yet: hold a little, then stop reading
             self.held.append(data)
-            if self.received > HOLD_LIMIT and self.transport is not None:
+            self.held_bytes += len(data)
+            if self.held_bytes > HOLD_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
             return
+        self.received += len(data)
         if self.observer is not None:
             self.observer(data)
         self.other.transport.write(data)  # type: ignore[union-attr]
@@ -121,6 +125,7 @@ class Leg(asyncio.Protocol):
             return
         self.discard = True
         self.held.clear()
+        self.held_bytes = 0
         if transport.can_write_eof():
             transport.write_eof()
         transport.resume_reading()

@@ -190,3 +190,22 @@ async def test_outbound_refuses_a_server_with_another_spiffe_id_before_sending_a
     assert line["bytes_received"] == 0
     assert seen["peer_spiffe_id"] == str(FRONTEND)
     assert seen["bytes_received"] == 0, "no byte of the application may reach the wrong server"
+
+
+async def test_outbound_to_a_remote_that_is_down_closes_the_app_cleanly(
+    ca: LocalCA, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    cfg = config(tmp_path, outbound=(f"{LISTEN}=127.0.0.1:{dead_port},{BACKEND}",))
+    async with proxy(cfg, await store_for(ca, FRONTEND)) as running:
+        await running.wait_ready()
+        # A clean close (FIN, no reset): plain_exchange raises on a reset.
+        assert await plain_exchange(running.ports[LISTEN], b"anyone there?") == b""
+        (line,) = await wait_for_log(tmp_path / "access.log", lambda lines: len(lines) == 1, "1")
+    assert line["direction"] == "outbound" and line["decision"] == "error"
+    assert line["reason"] == f"upstream 127.0.0.1:{dead_port}: Connection refused"
+    assert line["app_address"] == "127.0.0.1" and line["bytes_sent"] == 0
