@@ -130,6 +130,32 @@ async def test_three_workloads_with_agents_over_the_socket_and_in_process(
     assert "mTLS proxy outbound" in front.status_line()
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc), zombies excluded."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # multiprocessing's resource tracker is a child too: count only the workers.
+        cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            found.append(int(entry))
+    return found
+
+
+async def readyz(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+    ):
+        return resp.status
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,6 +241,20 @@ async def test_meshca_proxy_with_two_workers_serves_and_stops_cleanly(
         for _ in range(4):
             assert await tls_exchange(port, client_context(files, files.roots)) == b"ping"
         await wait_for_log(log, lambda lines: len(lines) == 4, "4 lines in the reopened log")
+        # A worker that dies is replaced; the proxy is ready again once it has its SVID.
+        workers = children_of(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            now = children_of(proc.pid)
+            if len(now) == 2 and workers[0] not in now and await readyz(http_port) == 200:
+                break
+            assert loop.time() < deadline, f"the worker was not replaced: {now}"
+            await asyncio.sleep(0.2)
+        for _ in range(10):
+            assert await tls_exchange(port, client_context(files, files.roots)) == b"ping"
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
