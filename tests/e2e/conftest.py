@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ class ServerProcess:
     grpc_port: int
     http_port: int
     ready_line: str
+    log_path: Path
+
+    def log(self) -> str:
+        """What the server wrote to stderr so far (its log)."""
+        return self.log_path.read_text(errors="replace")
 
     async def stop(self) -> int:
         if self.process.returncode is None:
@@ -38,16 +44,23 @@ class ServerProcess:
 
 
 async def start_meshca(args: Sequence[str], *, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start ``meshca server`` and wait (bounded) for its ready line on stdout."""
-    process = await asyncio.create_subprocess_exec(
-        *MESHCA,
-        "server",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None and process.stderr is not None
+    """Start ``meshca server`` and wait (bounded) for its ready line on stdout.
+
+    The server's log (stderr) goes to a file, never to a pipe nobody reads while the
+    server runs: a full pipe would block the server mid-test.
+    """
+    fd, name = tempfile.mkstemp(prefix="meshca-e2e-", suffix=".log")
+    with os.fdopen(fd, "wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *MESHCA,
+            "server",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env={**os.environ, **(env or {})},
+        )
+    log_path = Path(name)
+    assert process.stdout is not None
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)
     except TimeoutError:
@@ -57,9 +70,10 @@ async def start_meshca(args: Sequence[str], *, env: dict[str, str] | None = None
     if match is None:
         process.kill()
         await process.wait()
-        err = (await process.stderr.read()).decode()
+        err = log_path.read_text(errors="replace")
+        log_path.unlink()
         raise AssertionError(f"meshca did not start: {line.decode()}{err}")
-    return ServerProcess(process, int(match["grpc"]), int(match["http"]), line.decode())
+    return ServerProcess(process, int(match["grpc"]), int(match["http"]), line.decode(), log_path)
 
 
 async def run_meshca(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -87,6 +101,7 @@ async def processes() -> AsyncIterator[list[ServerProcess]]:
     yield started
     for server in started:
         await server.stop()
+        server.log_path.unlink(missing_ok=True)
 
 
 def worker_pids(pid: int) -> list[int]:
