@@ -54,7 +54,7 @@ async def _start(args: list[str], log: Path) -> ServerProcess:
         process.kill()
         await process.wait()
         raise AssertionError(f"meshca did not start: {line}{log.read_text()}")
-    return ServerProcess(process, int(match["grpc"]), int(match["http"]), line)
+    return ServerProcess(process, int(match["grpc"]), int(match["http"]), line, log)
 
 
 async def test_a_flooded_http_port_leaves_descriptors_for_issuance(tmp_path: Path) -> None:
