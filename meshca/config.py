@@ -345,6 +345,16 @@ class Settings(FileSettings):
     """Rotate the issuing intermediate once this fraction of its life has passed."""
     intermediate_name_constraints: bool = False
     root_ttl: Duration = timedelta(days=3650)
+    root_propagation: Duration | None = None
+    """How long a prepared root must be published before `meshca admin root activate`
+    accepts it (time for every agent and proxy to fetch the two-root bundle); None means
+    max_ttl (every certificate in use was renewed, and its holder refreshed, since)."""
+    root_expiry_warning: Duration = timedelta(days=90)
+    """Warn (log and ``meshca_root_expiry_warning``) once the active root is this close to
+    its notAfter."""
+    maintenance_interval: Duration = timedelta(seconds=30)
+    """How often each CA process rotates its intermediate, re-reads the roots (and follows
+    a root activated elsewhere) and renews its TLS certificate."""
     signer: SignerConfig = Field(default_factory=FileSignerConfig)
     issuing_key: Literal["memory", "hsm"] = "memory"
     """Where issuing-intermediate keys live: process memory, or the PKCS#11 token of
@@ -576,6 +586,10 @@ class Settings(FileSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'meshca.db'}"
+
+    @property
+    def effective_root_propagation(self) -> timedelta:
+        return self.max_ttl if self.root_propagation is None else self.root_propagation
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -88,6 +88,13 @@ class CAMetrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.root_expiry_warning = Gauge(
+            "meshca_root_expiry_warning",
+            "1 while the active root is within root_expiry_warning of its notAfter "
+            "(rotate it: `meshca admin root prepare`), else 0.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self._expiry_sources: tuple[Expiry, Expiry] | None = None
 
     def track_expiry(self, root_not_after: Expiry, intermediate_not_after: Expiry) -> None:

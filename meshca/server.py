@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -42,8 +43,10 @@ from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, process_owner, utcnow
 from meshca.ca.issuing_keys import HsmKeys, MemoryKeys
 from meshca.ca.policy import IssuancePolicy
-from meshca.ca.roots import load_active_root
+from meshca.ca.roots import load_active_root, open_root_signer
+from meshca.ca.roots import signer_config_for as open_root_config
 from meshca.config import Pkcs11SignerConfig, Settings
+from meshca.durations import format_duration
 from meshca.errors import AuthenticationError, ConfigError, MeshcaError, StoreError
 from meshca.metrics import CAMetrics
 from meshca.pki.profile import fingerprint
@@ -55,7 +58,6 @@ from meshca.store import RootRecord, Store
 
 log = logging.getLogger(__name__)
 
-MAINTENANCE_INTERVAL = timedelta(seconds=30)
 SIGNER_PROBE_INTERVAL = timedelta(seconds=30)
 SERVICE_NAMES = (
     "istio.v1.auth.IstioCertificateService",
@@ -121,19 +123,35 @@ class RunningServer:
             f"gRPC {'plaintext' if s.plaintext else 'TLS'} on {grpc_host}:{self.grpc_port}; "
             f"{mtls}HTTP on {http_host}:{self.http_port}; "
             f"root {fingerprint(self.authority.root_certificate)[:16]} "
-            f"({self.signer.backend}: {self.signer.key_id}); "
+            f"({self.authority.root_signer.backend}: {self.authority.root_signer.key_id}); "
             f"intermediate valid until {issuing.not_after.isoformat() if issuing else '-'}; "
             f"database {self.store.redacted_url()}"
         )
 
     async def maintain_once(self) -> None:
-        """Rotate the intermediate, reload the bundle, renew the server certificate."""
+        """Rotate the intermediate, reload the bundle (following a root activated by an
+        operator: new intermediate, new server certificate), renew the server certificate."""
         await self._heartbeat()
         await self.authority.rotate_if_due()
-        await self.authority.refresh_trust_bundle()
+        switched = await self.authority.refresh_trust_bundle()
         if self.server_cert is not None:
-            await self.server_cert.refresh(SERVER_CERT_LIFETIME)
+            await self.server_cert.refresh(SERVER_CERT_LIFETIME, renew=switched)
         self.metrics.update_expiry()
+        self._warn_if_root_expires_soon()
+
+    def _warn_if_root_expires_soon(self) -> None:
+        not_after = self.authority.root_certificate.not_valid_after_utc
+        left = not_after - utcnow()
+        near = left <= self.settings.root_expiry_warning
+        self.metrics.root_expiry_warning.set(1 if near else 0)
+        if near:
+            log.warning(
+                "the active root %s expires at %s (in %s); rotate it now: "
+                "`meshca admin root prepare`, then `activate` and `retire`",
+                fingerprint(self.authority.root_certificate)[:16],
+                not_after.isoformat(),
+                format_duration(max(left, timedelta(0))),
+            )
 
     async def _heartbeat(self) -> None:
         """Record that this process still signs with its intermediate (``admin status``
@@ -150,7 +168,7 @@ class RunningServer:
 
     async def _maintain(self) -> None:
         while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL.total_seconds())
+            await asyncio.sleep(self.settings.maintenance_interval.total_seconds())
             try:
                 await self.maintain_once()
             except MeshcaError as exc:
@@ -211,7 +229,14 @@ def _load_root(settings: Settings, store: Store, signer: Signer) -> RootRecord:
     return root
 
 
-def _open_signer(settings: Settings) -> Signer:
+def _open_signer(settings: Settings, store: Store) -> Signer:
+    """The active root's key (after a rotation, the one its record names, reached through
+    the configured signer section); the configured key when no root is recorded yet."""
+    active = store.active_root()
+    if active is not None and active.backend == settings.signer.kind:
+        configured = open_root_config(active, settings.signer)
+        if configured != settings.signer:
+            return open_root_signer(active, settings.signer, settings.state_dir)
     signer, created = open_signer(settings.signer, state_dir=settings.state_dir, create=True)
     if created:
         log.info("created root key %s (%s)", signer.key_id, signer.algorithm)
@@ -235,6 +260,9 @@ async def _open_authority(settings: Settings, store: Store, signer: Signer) -> A
             rotate_fraction=settings.intermediate_rotate_fraction,
             name_constraints=settings.intermediate_name_constraints,
         ),
+        root_signers=functools.partial(
+            open_root_signer, configured=settings.signer, state_dir=settings.state_dir
+        ),
     )
     await authority.refresh_trust_bundle()
     await authority.issuing_ca()
@@ -245,7 +273,7 @@ def prepare_state(settings: Settings) -> None:
     """What several worker processes must not race on: migrations and the root."""
     store = Store.open(settings.effective_database_url)
     try:
-        signer = _open_signer(settings)
+        signer = _open_signer(settings, store)
         try:
             _load_root(settings, store, signer)
         finally:
@@ -289,7 +317,7 @@ async def _start(
     open_store = Store.open if migrate else Store
     store = await asyncio.to_thread(open_store, settings.effective_database_url)
     undo.push_async_callback(asyncio.to_thread, store.close)
-    signer = await asyncio.to_thread(_open_signer, settings)
+    signer = await asyncio.to_thread(_open_signer, settings, store)
     undo.push_async_callback(asyncio.to_thread, close_signer, signer)
     authority = await _open_authority(settings, store, signer)
     undo.push_async_callback(authority.close)

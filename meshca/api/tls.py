@@ -36,14 +36,15 @@ class ServerCertificate:
         self._generation = 0
         self._renew_at = utcnow()
 
-    async def refresh(self, lifetime: timedelta) -> None:
-        """Renew the certificate when due and pick up trust-bundle changes."""
+    async def refresh(self, lifetime: timedelta, *, renew: bool = False) -> None:
+        """Renew the certificate when due (or now, with ``renew``: the root changed) and
+        pick up trust-bundle changes."""
         roots = b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in self._authority.trust_bundle()
         )
         changed = roots != self._roots_pem
         self._roots_pem = roots
-        if not self.chain_pem or utcnow() >= self._renew_at:
+        if renew or not self.chain_pem or utcnow() >= self._renew_at:
             key_pem, chain = await self._authority.issue_server_certificate(
                 self._spiffe_id, self._dns_names, lifetime
             )

@@ -28,13 +28,16 @@ from meshca.errors import MeshcaError, PolicyError, SignerError, StoreError
 from meshca.pki import csr as csr_checks
 from meshca.pki import profile
 from meshca.pki.keys import KeyAlgorithm, PublicKey
-from meshca.signers.base import Signer
+from meshca.signers.base import Signer, close_signer
 from meshca.spiffe import SpiffeId, TrustDomain
 from meshca.store import IntermediateRecord, NewIssuance, RootRecord, Store
+from meshca.store.models import PUBLISHED_ROOT_STATES
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+RootSigners = Callable[[RootRecord], Signer]
+"""Opens the key a root record names (a rotation's new root); raises SignerError."""
 
 
 EXPIRY_MARGIN = timedelta(minutes=1)
@@ -61,6 +64,9 @@ class IssuingCA:
     rotate_at: datetime
     signer: profile.PreparedIssuer
     certificate_pem: str
+    chain_tail: tuple[str, ...] = ()
+    """What follows a leaf in its chain: this intermediate, a cross-certificate while the
+    root it bridges from is published, and the root (last)."""
 
     @property
     def not_after(self) -> datetime:
@@ -118,6 +124,7 @@ class Authority:
         policy: IssuancePolicy,
         intermediate: IntermediateSettings | None = None,
         clock: Clock = utcnow,
+        root_signers: RootSigners | None = None,
     ) -> None:
         self.trust_domain = trust_domain
         self.policy = policy
@@ -137,10 +144,26 @@ class Authority:
         self._retirements: dict[asyncio.TimerHandle, IssuingKey] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._bundle: tuple[x509.Certificate, ...] = (self._root_cert,)
+        self._cross: tuple[x509.Certificate, ...] = ()
+        self._root_signers = root_signers
+        self._opened_signers: list[Signer] = []
 
     @property
     def root_certificate(self) -> x509.Certificate:
         return self._root_cert
+
+    @property
+    def root(self) -> RootRecord:
+        """The root this process signs intermediates with (the store's active root)."""
+        return self._root
+
+    @property
+    def root_signer(self) -> Signer:
+        return self._root_signer
+
+    def cross_certificates(self) -> tuple[x509.Certificate, ...]:
+        """Cross-certificates of published roots (old root certifying the new key)."""
+        return self._cross
 
     @property
     def current_issuing_ca(self) -> IssuingCA | None:
@@ -150,18 +173,55 @@ class Authority:
         """The CA certificates relying parties should trust (every unexpired known root)."""
         return self._bundle
 
-    async def refresh_trust_bundle(self) -> None:
-        """Reload roots from the store (another replica may have added one)."""
+    async def refresh_trust_bundle(self) -> bool:
+        """Reload roots from the store; follow a root activated by any replica's operator.
+
+        The bundle is every unexpired root that is prepared, active or retiring. When the
+        store's active root is not the one this process signs with, the new root's key is
+        opened and a new intermediate signed by it replaces the current one at once.
+        Returns True when this process switched roots. Raises SignerError when the new
+        root's key cannot be opened (the old root keeps signing meanwhile).
+        """
         roots = await asyncio.to_thread(self._store.list_roots)
         now = self._clock()
-        certs = [
-            x509.load_pem_x509_certificate(r.certificate_pem.encode())
-            for r in roots
-            if r.not_after > now
-        ]
+        published = [r for r in roots if r.state in PUBLISHED_ROOT_STATES and r.not_after > now]
+        active = next((r for r in roots if r.state == "active"), None)
+        switched = False
+        if active is not None and active.fingerprint != self._root.fingerprint:
+            await self._switch_root(active)
+            switched = True
+        certs = [x509.load_pem_x509_certificate(r.certificate_pem.encode()) for r in published]
         if self._root_cert not in certs:
             certs.insert(0, self._root_cert)
         self._bundle = tuple(certs)
+        self._cross = tuple(
+            x509.load_pem_x509_certificate(r.cross_certificate_pem.encode())
+            for r in published
+            if r.cross_certificate_pem
+        )
+        return switched
+
+    async def _switch_root(self, active: RootRecord) -> None:
+        if self._root_signers is None:
+            raise SignerError(
+                f"root {active.fingerprint[:16]} is now active but this process cannot open "
+                "root keys other than its configured one; restart it",
+                reason="root_switch_unsupported",
+            )
+        signer = await asyncio.to_thread(self._root_signers, active)
+        self._opened_signers.append(signer)
+        async with self._rotation_lock:
+            old = self._root
+            self._root_signer = signer
+            self._root = active
+            self._root_cert = x509.load_pem_x509_certificate(active.certificate_pem.encode())
+            self._root_pem = pem(self._root_cert)
+            log.warning(
+                "root %s is now active (was %s): signing a new issuing intermediate with it",
+                active.fingerprint[:16],
+                old.fingerprint[:16],
+            )
+            await self._rotate()
 
     async def issuing_ca(self) -> IssuingCA:
         """The issuing intermediate to sign with now.
@@ -264,6 +324,9 @@ class Authority:
             await asyncio.to_thread(self._retire, key)
         if current is not None:
             await asyncio.to_thread(self._retire, current.key)
+        opened, self._opened_signers = self._opened_signers, []
+        for signer in opened:
+            await asyncio.to_thread(close_signer, signer)
 
     async def _mint_intermediate(self) -> IssuingCA:
         settings = self._settings
@@ -315,7 +378,17 @@ class Authority:
             rotate_at=rotate_at,
             signer=profile.PreparedIssuer.prepare(key, cert),
             certificate_pem=pem(cert),
+            chain_tail=(pem(cert), *self._bridging_cross(), self._root_pem),
         )
+
+    def _bridging_cross(self) -> tuple[str, ...]:
+        """The active root's cross-certificate while its issuer (the old root) is published."""
+        if not self._root.cross_certificate_pem:
+            return ()
+        cross = x509.load_pem_x509_certificate(self._root.cross_certificate_pem.encode())
+        if not any(c.subject == cross.issuer for c in self._bundle):
+            return ()
+        return (pem(cross),)
 
     async def issue(
         self, request: IssueRequest, attestation: Attestation, peer: Peer
@@ -471,5 +544,5 @@ class Authority:
             csr_sha256=csr_digest,
         )
         row = await self._ledger.append(entry)  # a failed write is logged there, once
-        chain = (leaf_pem, ca.certificate_pem, self._root_pem)
+        chain = (leaf_pem, *ca.chain_tail)
         return IssuedCertificate(certificate=cert, chain_pem=chain, ledger_sequence=row.sequence)

@@ -15,6 +15,7 @@ import click
 from meshca.cli.admin_ledger import CA_INTERNAL_METHOD, ledger, open_read_only
 from meshca.cli.admin_output import echo_json, json_time, output_option
 from meshca.cli.admin_root import root
+from meshca.cli.admin_root_rotation import COMMANDS as ROOT_ROTATION
 from meshca.cli.common import load, reports_errors, settings_options, table, utc_text
 from meshca.store import IntermediateRecord, Store
 
@@ -29,6 +30,8 @@ def admin() -> None:
 
 
 admin.add_command(root)
+for _command in ROOT_ROTATION:
+    root.add_command(_command)
 admin.add_command(ledger)
 
 

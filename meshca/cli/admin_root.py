@@ -8,9 +8,10 @@ flags below; the PKCS#11 PIN only ever from an environment variable or a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -33,10 +34,12 @@ from meshca.pki.keys import KeyAlgorithm
 from meshca.signers.base import Signer, close_signer
 from meshca.store import Store
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 @click.group()
 def root() -> None:
-    """CA roots: create one in a key backend, list them."""
+    """CA roots: create the first, rotate (prepare, activate, retire), list, status."""
 
 
 def _signer_section(settings: Settings, kind: str | None, flags: dict[str, Any]) -> dict[str, Any]:
@@ -89,127 +92,89 @@ def _create_kms_version(
     )
 
 
+_BACKEND_OPTIONS: tuple[Callable[[F], F], ...] = (
+    click.option(
+        "--signer",
+        "kind",
+        type=click.Choice(["file", "pkcs11", "gcpkms"]),
+        help="Key backend [default: the config file's signer.kind, else file].",
+    ),
+    click.option(
+        "--key-type",
+        type=click.Choice([a.value for a in KeyAlgorithm]),
+        help="Root key algorithm [default: the signer's key_type, else ec-p256].",
+    ),
+    click.option("--trust-domain", help="SPIFFE trust domain [default: from config]."),
+    click.option("--key-file", type=click.Path(path_type=Path), help="file: where the key goes."),
+    env_option(
+        "--pkcs11-module",
+        env="PKCS11_MODULE",
+        type=click.Path(path_type=Path),
+        help="pkcs11: the vendor library, e.g. /usr/lib/softhsm/libsofthsm2.so.",
+    ),
+    env_option("--pkcs11-token-label", env="PKCS11_TOKEN_LABEL", help="pkcs11: token label."),
+    env_option("--pkcs11-key-label", env="PKCS11_KEY_LABEL", help="pkcs11: key label."),
+    env_option(
+        "--pkcs11-pin-file",
+        env="PKCS11_PIN_FILE",
+        type=click.Path(path_type=Path),
+        help="pkcs11: file holding the user PIN [default: $MESHCA_PKCS11_PIN].",
+    ),
+    env_option(
+        "--kms-crypto-key",
+        env="KMS_CRYPTO_KEY",
+        help="gcpkms: projects/P/locations/L/keyRings/R/cryptoKeys/K.",
+    ),
+    click.option(
+        "--kms-protection-level",
+        type=click.Choice(["hsm", "software"]),
+        default="hsm",
+        show_default=True,
+        help="gcpkms: protection level of a new CryptoKey.",
+    ),
+    env_option("--kms-endpoint", env="KMS_ENDPOINT", help="gcpkms: API endpoint HOST:PORT."),
+    click.option(
+        "--kms-insecure-endpoint",
+        is_flag=True,
+        default=None,
+        help="gcpkms: plaintext to --kms-endpoint without credentials (emulators only).",
+    ),
+)
+
+
+def backend_options(func: F) -> F:
+    """--signer, --key-type, --trust-domain and each backend's flags (see ``new_root_key``)."""
+    for option in reversed(_BACKEND_OPTIONS):
+        func = option(func)
+    return func
+
+
 @root.command()
 @settings_options
-@click.option(
-    "--signer",
-    "kind",
-    type=click.Choice(["file", "pkcs11", "gcpkms"]),
-    help="Key backend [default: the config file's signer.kind, else file].",
-)
-@click.option(
-    "--key-type",
-    type=click.Choice([a.value for a in KeyAlgorithm]),
-    help="Root key algorithm [default: the signer's key_type, else ec-p256].",
-)
+@backend_options
 @click.option("--ttl", default="10y", show_default=True, help="Root certificate lifetime.")
-@click.option("--trust-domain", help="SPIFFE trust domain [default: from config].")
-@click.option("--key-file", type=click.Path(path_type=Path), help="file: where the key goes.")
-@env_option(
-    "--pkcs11-module",
-    env="PKCS11_MODULE",
-    type=click.Path(path_type=Path),
-    help="pkcs11: the vendor library, e.g. /usr/lib/softhsm/libsofthsm2.so.",
-)
-@env_option("--pkcs11-token-label", env="PKCS11_TOKEN_LABEL", help="pkcs11: token label.")
-@env_option("--pkcs11-key-label", env="PKCS11_KEY_LABEL", help="pkcs11: key label.")
-@env_option(
-    "--pkcs11-pin-file",
-    env="PKCS11_PIN_FILE",
-    type=click.Path(path_type=Path),
-    help="pkcs11: file holding the user PIN [default: $MESHCA_PKCS11_PIN].",
-)
-@env_option(
-    "--kms-crypto-key",
-    env="KMS_CRYPTO_KEY",
-    help="gcpkms: projects/P/locations/L/keyRings/R/cryptoKeys/K.",
-)
-@click.option(
-    "--kms-protection-level",
-    type=click.Choice(["hsm", "software"]),
-    default="hsm",
-    show_default=True,
-    help="gcpkms: protection level of a new CryptoKey.",
-)
-@env_option("--kms-endpoint", env="KMS_ENDPOINT", help="gcpkms: API endpoint HOST:PORT.")
-@click.option(
-    "--kms-insecure-endpoint",
-    is_flag=True,
-    default=None,
-    help="gcpkms: plaintext to --kms-endpoint without credentials (emulators only).",
-)
 @reports_errors
 def create(
     config_file: Path | None,
     state_dir: Path | None,
     database_url: str | None,
-    kind: str | None,
-    key_type: str | None,
     ttl: str,
-    trust_domain: str | None,
-    key_file: Path | None,
-    pkcs11_module: Path | None,
-    pkcs11_token_label: str | None,
-    pkcs11_key_label: str | None,
-    pkcs11_pin_file: Path | None,
-    kms_crypto_key: str | None,
-    kms_protection_level: str,
-    kms_endpoint: str | None,
-    kms_insecure_endpoint: bool | None,
+    **backend: Any,
 ) -> None:
     """Create a root key in the backend, self-sign the root, record it as active."""
-    settings = load(
-        config_file, state_dir=state_dir, database_url=database_url, trust_domain=trust_domain
-    )
-    chosen = kind or settings.signer.kind
-    if chosen != "gcpkms":
-        flags: dict[str, Any] = {"key_type": key_type}
-        if chosen == "file":
-            flags["key_file"] = str(key_file) if key_file else None
-        else:
-            flags.update(
-                module=str(pkcs11_module) if pkcs11_module else None,
-                token_label=pkcs11_token_label,
-                key_label=pkcs11_key_label,
-                pin_file=str(pkcs11_pin_file) if pkcs11_pin_file else None,
-            )
-        settings = load(
-            config_file,
-            state_dir=state_dir,
-            database_url=database_url,
-            trust_domain=trust_domain,
-            signer=_signer_section(settings, chosen, flags),
-        )
-    algorithm = KeyAlgorithm(key_type or str(getattr(settings.signer, "key_type", "ec-p256")))
-    try:
-        lifetime = parse_duration(ttl)
-    except ValueError as exc:
-        fail(f"--ttl: {exc}", 2)
-    if lifetime < timedelta(days=1):
-        fail(f"--ttl {ttl} is too short for a root; use days or years", 2)
-
+    settings = settings_for_new_key(config_file, state_dir, database_url, backend)
+    lifetime = root_lifetime(ttl)
     store = Store.open(settings.effective_database_url)
     try:
         active = store.active_root()
         if active is not None:
             fail(
                 f"an active root exists ({active.fingerprint[:16]}, {active.backend}: "
-                f"{active.key_ref}); adding a second root is a rotation, which must publish "
-                "the new root in the trust bundle before it signs: not done by `root create`",
+                f"{active.key_ref}); a second root is a rotation: "
+                "`meshca admin root prepare`, then `activate` and `retire`",
                 1,
             )
-        click.echo(f"creating a {algorithm} key in the {chosen} backend ...")
-        if chosen == "gcpkms":
-            signer = _create_kms_version(
-                settings,
-                algorithm,
-                kms_crypto_key,
-                kms_protection_level,
-                kms_endpoint,
-                kms_insecure_endpoint,
-            )
-        else:
-            signer = _create_file_or_pkcs11(settings, algorithm)
+        signer = new_root_key(settings, backend)
         try:
             record = create_root(
                 store, signer, settings.trust_domain_value, ttl=lifetime, now=datetime.now(UTC)
@@ -233,6 +198,73 @@ def create(
             "configure the server with the same signer section (kind=pkcs11, module, "
             "token_label, key_label; PIN from the environment or pin_file)"
         )
+
+
+def settings_for_new_key(
+    config_file: Path | None,
+    state_dir: Path | None,
+    database_url: str | None,
+    backend: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> Settings:
+    """Settings whose signer section is the file's, overridden by the backend flags
+    (``defaults`` fill flags the operator left out: where a rotation's new key goes)."""
+    trust_domain = backend["trust_domain"]
+    settings = load(
+        config_file, state_dir=state_dir, database_url=database_url, trust_domain=trust_domain
+    )
+    chosen = backend["kind"] or settings.signer.kind
+    if chosen == "gcpkms":
+        return settings
+    flags: dict[str, Any] = {"key_type": backend["key_type"]}
+    if chosen == "file":
+        flags["key_file"] = str(backend["key_file"]) if backend["key_file"] else None
+    else:
+        flags.update(
+            module=str(backend["pkcs11_module"]) if backend["pkcs11_module"] else None,
+            token_label=backend["pkcs11_token_label"],
+            key_label=backend["pkcs11_key_label"],
+            pin_file=str(backend["pkcs11_pin_file"]) if backend["pkcs11_pin_file"] else None,
+        )
+    section = _signer_section(settings, chosen, flags)
+    for name, value in (defaults or {}).items():
+        if flags.get(name) is None:
+            section[name] = value
+    return load(
+        config_file,
+        state_dir=state_dir,
+        database_url=database_url,
+        trust_domain=trust_domain,
+        signer=section,
+    )
+
+
+def root_lifetime(ttl: str) -> timedelta:
+    try:
+        lifetime = parse_duration(ttl)
+    except ValueError as exc:
+        fail(f"--ttl: {exc}", 2)
+    if lifetime < timedelta(days=1):
+        fail(f"--ttl {ttl} is too short for a root; use days or years", 2)
+    return lifetime
+
+
+def new_root_key(settings: Settings, backend: dict[str, Any]) -> Signer:
+    """Make a new key in the chosen backend (the settings' signer section, or --signer)."""
+    chosen = backend["kind"] or settings.signer.kind
+    key_type = backend["key_type"]
+    algorithm = KeyAlgorithm(key_type or str(getattr(settings.signer, "key_type", "ec-p256")))
+    click.echo(f"creating a {algorithm} key in the {chosen} backend ...")
+    if chosen == "gcpkms":
+        return _create_kms_version(
+            settings,
+            algorithm,
+            backend["kms_crypto_key"],
+            backend["kms_protection_level"],
+            backend["kms_endpoint"],
+            backend["kms_insecure_endpoint"],
+        )
+    return _create_file_or_pkcs11(settings, algorithm)
 
 
 @root.command(name="list")

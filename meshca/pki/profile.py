@@ -132,6 +132,43 @@ def build_root(
     return builder.sign(key, algorithm.hash_algorithm())
 
 
+def build_cross_certificate(
+    old_root_signer: Signer | PrivateKey,
+    old_root: x509.Certificate,
+    new_root: x509.Certificate,
+    *,
+    now: datetime,
+) -> x509.Certificate:
+    """The new root's subject and key, certified by the old root (a cross-certificate).
+
+    A peer that trusts only ``old_root`` builds leaf -> intermediate -> this certificate
+    -> old root. Same extensions as a root (CA:true, keyCertSign + cRLSign, URI SAN); SKI
+    of the new key, AKI of the old root; it ends when the first of the two roots ends.
+    """
+    key, algorithm = _signing_key(old_root_signer)
+    _check_issuer(key, old_root, child_path_length=None)
+    public_key = new_root.public_key()
+    assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))
+    not_after = min(new_root.not_valid_after_utc, old_root.not_valid_after_utc)
+    san = new_root.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    builder = (
+        _base(
+            new_root.subject,
+            old_root.subject,
+            public_key,
+            new_serial(),
+            _utc(now) - CLOCK_SKEW,
+            not_after,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_aki(old_root), critical=False)
+        .add_extension(san.value, critical=san.critical)
+    )
+    return builder.sign(key, algorithm.hash_algorithm())
+
+
 def build_intermediate(
     issuer: Signer | PrivateKey,
     issuer_cert: x509.Certificate,

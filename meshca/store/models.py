@@ -30,7 +30,9 @@ from sqlmodel import Field, SQLModel
 from meshca.store._types import UTCDateTime
 
 HASH_HEX_LENGTH = 64
-ROOT_STATES = frozenset({"active", "retired"})
+ROOT_STATES = frozenset({"prepared", "active", "retiring", "retired"})
+PUBLISHED_ROOT_STATES = frozenset({"prepared", "active", "retiring"})
+"""Roots in these states are in every trust bundle (until their own notAfter)."""
 ROOT_BACKENDS = frozenset({"file", "pkcs11", "gcpkms"})
 
 
@@ -53,9 +55,13 @@ def _when(name: str) -> Column[datetime]:
 class RootRecord(SQLModel, table=True):
     """A root CA certificate and where its private key lives (``backend`` + ``key_ref``).
 
-    At most one root is ``active`` (the one that signs new intermediates); retired roots
-    stay in the trust bundle until they expire. ``fingerprint`` is the lowercase hex
-    SHA-256 of the certificate's DER encoding.
+    The lifecycle is ``prepared`` -> ``active`` -> ``retiring`` -> ``retired``: a prepared
+    root is published in the trust bundle but signs nothing yet; the active root (at most
+    one) signs new intermediates; a retiring root was replaced and stays published while
+    certificates chained to it are unexpired; a retired root is published no more. At most
+    one root is prepared. ``fingerprint`` is the lowercase hex SHA-256 of the certificate's
+    DER encoding. ``cross_certificate_pem``, when set, is the new root's subject and key
+    certified by the root it replaces, for peers that hold only the old bundle.
     """
 
     __tablename__ = "roots"
@@ -68,6 +74,13 @@ class RootRecord(SQLModel, table=True):
             unique=True,
             sqlite_where=text("state = 'active'"),
             postgresql_where=text("state = 'active'"),
+        ),
+        Index(
+            "uq_roots_one_prepared",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'prepared'"),
+            postgresql_where=text("state = 'prepared'"),
         ),
     )
 
@@ -82,6 +95,12 @@ class RootRecord(SQLModel, table=True):
     not_after: datetime = Field(sa_column=_when("not_after"))
     state: str = Field(sa_column=Column("state", String(16), nullable=False))
     created_at: datetime = Field(default_factory=utc_now, sa_column=_when("created_at"))
+    activated_at: datetime | None = Field(
+        default=None, sa_column=Column("activated_at", UTCDateTime(), nullable=True)
+    )
+    cross_certificate_pem: str | None = Field(
+        default=None, sa_column=_text("cross_certificate_pem", nullable=True)
+    )
 
 
 class IntermediateRecord(SQLModel, table=True):

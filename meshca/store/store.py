@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Table, delete, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from meshca.errors import StoreError
-from meshca.store import migrate, readiness
+from meshca.store import migrate, readiness, root_lifecycle
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
 from meshca.store.chain import LedgerRow, NewIssuance
@@ -254,6 +254,57 @@ class Store:
         """Every root, oldest first (the trust bundle publishes the unexpired ones)."""
         with self._session("listing roots") as session:
             return list(session.exec(select(RootRecord).order_by(col(RootRecord.id))))
+
+    @contextmanager
+    def _roots_locked(self, what: str) -> Iterator[Session]:
+        """A write transaction holding the roots lock (BEGIN IMMEDIATE on SQLite)."""
+        with self._session(what, write=True) as session:
+            if self._is_postgres:
+                session.execute(text("LOCK TABLE roots IN SHARE ROW EXCLUSIVE MODE"))
+            yield session
+
+    def check_prepare_root(self) -> RootRecord:
+        """The active root a new root would succeed; RootRefusedError if none may be prepared."""
+        with self._session("checking the roots") as session:
+            return root_lifecycle.check_prepare(session)
+
+    def prepare_root(self, record: RootRecord) -> RootRecord:
+        """Record ``record`` as the prepared root, checked again under the roots lock."""
+        if record.state != "prepared":
+            raise ValueError(f"root state {record.state!r}; allowed: 'prepared'")
+        if record.backend not in ROOT_BACKENDS:
+            raise ValueError(f"root backend {record.backend!r}; allowed: {sorted(ROOT_BACKENDS)}")
+        _check_times(not_before=record.not_before, not_after=record.not_after)
+        with self._roots_locked(f"preparing root {record.fingerprint}") as session:
+            root_lifecycle.check_prepare(session)
+            session.add(record)
+        return record
+
+    def activate_root(
+        self, root_id: str, *, now: datetime, propagation: timedelta, force: bool
+    ) -> tuple[RootRecord, RootRecord | None, bool]:
+        """Prepared -> active, active -> retiring, atomically; see :mod:`.root_lifecycle`."""
+        with self._roots_locked(f"activating root {root_id}") as session:
+            return root_lifecycle.activate(
+                session, root_id, now=now, propagation=propagation, force=force
+            )
+
+    def retire_root(
+        self, root_id: str, *, now: datetime, force: bool
+    ) -> tuple[RootRecord, root_lifecycle.UnderRoot]:
+        """Retiring (or prepared) -> retired; see :mod:`.root_lifecycle`."""
+        with self._roots_locked(f"retiring root {root_id}") as session:
+            return root_lifecycle.retire(session, root_id, now=now, force=force)
+
+    def find_root(self, root_id: str) -> RootRecord:
+        """The root a fingerprint or unique prefix names; RootRefusedError otherwise."""
+        with self._session("finding a root") as session:
+            return root_lifecycle.find(session, root_id)
+
+    def certificates_under_root(self, fingerprint: str, now: datetime) -> root_lifecycle.UnderRoot:
+        """How many unexpired leaves chain to the root, and when the last one expires."""
+        with self._session("counting certificates under a root") as session:
+            return root_lifecycle.under_root(session, fingerprint, now)
 
     def add_intermediate(self, record: IntermediateRecord) -> IntermediateRecord:
         """Store an intermediate; its root must already be stored."""

@@ -145,7 +145,7 @@ def test_a_database_at_revision_0001_is_upgraded_keeping_its_ledger(tmp_path: Pa
     old.close()
     store = Store.open(url)
     try:
-        assert store.current_revision() == "0003"
+        assert store.current_revision() == "0004"
         assert store.verify_ledger().ok and store.counts().issued == 1
         assert store.record_token_use(_digest(1), "gce-iit", LATER) is True
     finally:

@@ -122,13 +122,23 @@ def test_intermediates_recorded_before_revision_0003_keep_their_rows(database_ur
     try:
         with engine.begin() as connection:
             command.upgrade(alembic_config(connection), "0002")
-        old = Store(database_url)
-        try:
-            old.add_root(root("a"))
-        finally:
-            old.close()
         now = datetime.now(UTC)
         with engine.begin() as connection:
+            # The roots table as 0002 had it (today's model has more columns).
+            record = root("a")
+            connection.execute(
+                text(
+                    "INSERT INTO roots (fingerprint, subject, backend, key_ref, algorithm, "
+                    "certificate_pem, not_before, not_after, state, created_at) VALUES "
+                    "(:fp, :subject, 'file', 'k', 'ec-p256', 'PEM', :nb, :na, 'active', :nb)"
+                ),
+                {
+                    "fp": record.fingerprint,
+                    "subject": record.subject,
+                    "nb": record.not_before,
+                    "na": record.not_after,
+                },
+            )
             connection.execute(
                 text(
                     "INSERT INTO intermediates (fingerprint, serial_hex, root_fingerprint, "

@@ -24,7 +24,7 @@ def test_fresh_database_is_upgraded_to_head(database_url: str) -> None:
     try:
         assert store.current_revision() is None
         store.upgrade()
-        assert store.current_revision() == head_revision() == "0003"
+        assert store.current_revision() == head_revision() == "0004"
     finally:
         store.close()
     engine = create_engine(database_url)
@@ -38,7 +38,7 @@ def test_upgrade_twice_is_a_no_op(store: Store) -> None:
     store.append_issuance(issuance(1))
     store.upgrade()
     store.upgrade()
-    assert store.current_revision() == "0003"
+    assert store.current_revision() == "0004"
     assert store.counts().issued == 1
     assert store.verify_ledger().ok
 
@@ -74,7 +74,7 @@ def test_concurrent_upgrades_on_a_fresh_database(database_url: str) -> None:
         t.join()
     try:
         assert errors == []
-        assert {s.current_revision() for s in stores} == {"0003"}
+        assert {s.current_revision() for s in stores} == {"0004"}
         assert stores[0].verify_ledger().ok
     finally:
         for s in stores:
