@@ -10,7 +10,9 @@ Sources (one per agent, see :mod:`meshca.agent.config`):
 - :class:`BundleFile`: a PEM file, re-read on each refresh (a ConfigMap the operator
   updates before activating a new root).
 - :class:`PinnedBundleUrl`: the CA's ``GET /v1/bundle`` (PEM). The document is accepted
-  only if it holds a root whose SHA-256 fingerprint is pinned, and then as a whole. The
+  only if it holds a root whose SHA-256 fingerprint is pinned, and then as a whole; its
+  other roots are pinned from then on (for this process), so a root rotation carries the
+  pin from the old root to the new one. The
   pin proves the document comes from the operator's CA; fetch it over https, or over a
   network path you trust, because the pin cannot vouch for the *other* roots of a
   document an on-path attacker could have extended.
@@ -181,6 +183,9 @@ class PinnedBundleUrl:
                 reason="bundle_pin_mismatch",
                 retryable=False,
             )
+        # A root published beside a pinned one is vouched for by it: the pin follows a
+        # root rotation, so the document stays acceptable once the old root is retired.
+        self.pins = self.pins | {fingerprint(c) for c in certs}
         return certs
 
 
