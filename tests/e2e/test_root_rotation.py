@@ -11,9 +11,11 @@ Run once with the root key in SoftHSM2 and once on PostgreSQL with two CA replic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from meshca.agent.run import RunningAgent
 from meshca.agent.trust import verify_chain
 from meshca.cli.main import main
 from meshca.pki.profile import fingerprint
+from meshca.proxy.run import RunningProxy
 from tests.agent.conftest import (  # noqa: F401 (fixtures)
     CA,
     StartCA,
@@ -36,7 +39,8 @@ from tests.agent.conftest import (  # noqa: F401 (fixtures)
 )
 from tests.agent.conftest import settings_for as agent_settings
 from tests.proxy.conftest import Echo, echo  # noqa: F401 (fixture)
-from tests.proxy.support import plain_exchange, read_log
+from tests.proxy.support import config as proxy_config
+from tests.proxy.support import plain_exchange, proxy, short_dir, wait_for_log
 
 LISTEN = "127.0.0.1:0"
 WEB = "spiffe://cluster.local/ns/default/sa/web"
@@ -107,13 +111,16 @@ class Traffic:
             await self._task
 
 
+@contextlib.asynccontextmanager
 async def _mesh(
     cas: list[CA],
     started: list[RunningAgent],
     echo_port: int,
     tmp_path: Path,
-) -> tuple[RunningAgent, RunningAgent]:
-    """web (inbound, on the first CA) and frontend (outbound, on the last CA)."""
+) -> AsyncIterator[tuple[RunningAgent, RunningProxy, RunningAgent]]:
+    """web: an agent on the first CA serving the Workload API, and a ``meshca proxy``
+    (inbound) taking its credentials from that socket; frontend: an agent on the last CA
+    with its outbound proxy in process."""
     first_root = x509.load_pem_x509_certificate(cas[0].root_pem)
     policy = tmp_path / "policy.yaml"
     policy.write_text(json.dumps({"listeners": {LISTEN: {"allow": [FRONTEND]}}}))
@@ -136,17 +143,27 @@ async def _mesh(
         )
         running = await start(started, settings)
         await asyncio.wait_for(running.wait_ready(), STEP_TIMEOUT)
-        assert running.proxy is not None
-        await running.proxy.wait_ready()
+        if running.proxy is not None:
+            await running.proxy.wait_ready()
         return running
 
-    web = await agent(
-        cas[0], "web", inbound=[f"{LISTEN}=127.0.0.1:{echo_port}"], proxy_policy=policy
-    )
-    assert web.proxy is not None
-    web_port = web.proxy.ports[LISTEN]
-    front = await agent(cas[-1], "frontend", outbound=[f"{LISTEN}=127.0.0.1:{web_port},{WEB}"])
-    return web, front
+    socket_dir = short_dir()
+    try:
+        web = await agent(cas[0], "web", workload_api_socket=socket_dir / "web.sock")
+        web_cfg = proxy_config(
+            tmp_path,
+            inbound=(f"{LISTEN}=127.0.0.1:{echo_port}",),
+            policy=policy,
+            workload_api_socket=socket_dir / "web.sock",
+            log_name="web.log",
+        )
+        async with proxy(web_cfg) as web_proxy:
+            await asyncio.wait_for(web_proxy.wait_ready(), STEP_TIMEOUT)
+            target = f"127.0.0.1:{web_proxy.ports[LISTEN]}"
+            front = await agent(cas[-1], "frontend", outbound=[f"{LISTEN}={target},{WEB}"])
+            yield web, web_proxy, front
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _roots_in(agent: RunningAgent) -> set[str]:
@@ -165,8 +182,19 @@ def _issuer_root(agent: RunningAgent, roots: dict[str, x509.Certificate]) -> str
 async def _rotate_under_traffic(
     cas: list[CA], started: list[RunningAgent], app: Echo, tmp_path: Path, env: dict[str, str]
 ) -> None:
+    async with _mesh(cas, started, app.port, tmp_path) as (web, web_proxy, front):
+        await _rotate(cas, web, web_proxy, front, tmp_path, env)
+
+
+async def _rotate(
+    cas: list[CA],
+    web: RunningAgent,
+    web_proxy: RunningProxy,
+    front: RunningAgent,
+    tmp_path: Path,
+    env: dict[str, str],
+) -> None:
     state = ["--state-dir", str(cas[0].state_dir)]
-    web, front = await _mesh(cas, started, app.port, tmp_path)
     assert front.proxy is not None
     traffic = Traffic(front.proxy.ports[LISTEN])
     traffic.start()
@@ -234,8 +262,10 @@ async def _rotate_under_traffic(
         creds = agent.store.current()
         assert creds is not None
         assert fingerprint(verify_chain(creds.chain[0], creds.chain[1:], new_only)[-1]) == new
-        assert agent.proxy is not None and agent.proxy.state.contexts is not None
-        in_use = agent.proxy.state.contexts.creds
+    assert front.proxy is not None
+    for running in (web_proxy, front.proxy):
+        assert running.state.contexts is not None
+        in_use = running.state.contexts.creds
         verify_chain(in_use.chain[0], in_use.chain[1:], new_only)
         assert {fingerprint(c) for c in in_use.bundle} == {new}
     for ca in cas:
@@ -243,9 +273,11 @@ async def _rotate_under_traffic(
         assert server_cert is not None
         chain = [x509.load_pem_x509_certificate(p.encode()) for p in server_cert.chain_pem]
         verify_chain(chain[0], chain[1:-1], new_only)
-    inbound = read_log(tmp_path / "web.log")
-    outbound = read_log(tmp_path / "frontend.log")
-    assert len(inbound) >= traffic.ok and len(outbound) >= traffic.ok
+    # every connection made is logged once it closes (the last ones may still be closing)
+    inbound = await wait_for_log(tmp_path / "web.log", lambda ls: len(ls) >= traffic.ok, "all")
+    outbound = await wait_for_log(
+        tmp_path / "frontend.log", lambda ls: len(ls) >= traffic.ok, "all"
+    )
     assert all(line["peer_spiffe_id"] == FRONTEND for line in inbound)
     assert all(line["peer_spiffe_id"] == WEB for line in outbound)
 
@@ -304,11 +336,11 @@ async def test_rotation_with_the_root_in_softhsm(
 
 @pytest.mark.postgres
 async def test_rotation_with_two_ca_replicas_on_postgresql(
+    postgres_url: str,  # first: the database outlives the CAs (fixtures end in reverse)
     start_ca: StartCA,  # noqa: F811
     agents: list[RunningAgent],  # noqa: F811
     echo: Echo,  # noqa: F811
     tmp_path: Path,
-    postgres_url: str,
 ) -> None:
     """Two replicas sharing only the database (and, here, the key files' directory);
     each switches to the new root on its own."""
