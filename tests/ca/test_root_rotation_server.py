@@ -4,12 +4,15 @@ starting again after a rotation, warning before the root expires, refusing an ex
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from cryptography import x509
 
 from meshca.ca.roots import create_root, prepare_root
 from meshca.config import load_settings
@@ -115,3 +118,46 @@ async def test_server_refuses_an_expired_active_root_and_says_what_to_run(
     message = refused.value.message
     assert "expired at" in message
     assert "meshca admin root prepare" in message and "activate ID --force" in message
+
+
+async def _bundle(port: int, fmt: str) -> str:
+    url = f"http://127.0.0.1:{port}/v1/bundle?format={fmt}"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_bundle_endpoint_publishes_the_prepared_root_in_both_formats(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    server = await start_server(_settings(state))
+    try:
+        store = _store(state)
+        try:
+            new_key = FileSigner.create(tmp_path / "new-root.pem", KeyAlgorithm.EC_P256)
+            new = prepare_root(store, new_key, TD, ttl=timedelta(days=30), now=datetime.now(UTC))
+            await server.maintain_once()
+            pem = await _bundle(server.http_port, "pem")
+            doc = json.loads(await _bundle(server.http_port, "spiffe"))
+            assert new.fingerprint in {
+                fingerprint(c) for c in x509.load_pem_x509_certificates(pem.encode())
+            }
+            assert len(x509.load_pem_x509_certificates(pem.encode())) == 2
+            assert len(doc["keys"]) == 2
+            # dropped again before activation: gone from both
+            store.retire_root(new.fingerprint, now=datetime.now(UTC), force=False)
+            await server.maintain_once()
+            assert (
+                len(
+                    x509.load_pem_x509_certificates(
+                        (await _bundle(server.http_port, "pem")).encode()
+                    )
+                )
+                == 1
+            )
+            assert len(json.loads(await _bundle(server.http_port, "spiffe"))["keys"]) == 1
+        finally:
+            store.close()
+    finally:
+        await server.stop(grace=0)
