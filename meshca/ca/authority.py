@@ -186,11 +186,8 @@ class Authority:
         now = self._clock()
         published = [r for r in roots if r.state in PUBLISHED_ROOT_STATES and r.not_after > now]
         active = next((r for r in roots if r.state == "active"), None)
-        switched = False
-        if active is not None and active.fingerprint != self._root.fingerprint:
-            await self._switch_root(active)
-            switched = True
         certs = [x509.load_pem_x509_certificate(r.certificate_pem.encode()) for r in published]
+        # The bundle first: it must follow the store even if the switch below fails.
         if self._root_cert not in certs:
             certs.insert(0, self._root_cert)
         self._bundle = tuple(certs)
@@ -199,7 +196,10 @@ class Authority:
             for r in published
             if r.cross_certificate_pem
         )
-        return switched
+        if active is None or active.fingerprint == self._root.fingerprint:
+            return False
+        await self._switch_root(active)
+        return True
 
     async def _switch_root(self, active: RootRecord) -> None:
         if self._root_signers is None:

@@ -26,6 +26,7 @@ from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import create_root, open_root_signer, prepare_root
 from meshca.cli.main import main
 from meshca.config import FileSignerConfig
+from meshca.errors import SignerError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.pki.profile import fingerprint
 from meshca.signers.file import FileSigner
@@ -433,3 +434,25 @@ def test_cli_second_prepare_makes_no_key(tmp_path: Path) -> None:
     assert code == 1 and "is already prepared" in err
     assert not (tmp_path / "third.pem").exists()
     assert sorted(p.name for p in (tmp_path / "state").glob("root-key*.pem")) == keys
+
+
+async def test_a_replica_that_cannot_open_the_new_key_keeps_signing_with_the_old_root(
+    store: Store, tmp_path: Path
+) -> None:
+    """The key of the new root is missing here: this process says so at each refresh,
+    keeps its bundle current and goes on issuing under the old root (which the ledger
+    then keeps from being retired)."""
+    old, new, old_key, _ = _first_and_prepared(store, tmp_path)
+    authority = _authority(store, old_key, tmp_path)
+    (tmp_path / "new.pem").unlink()
+    try:
+        store.activate_root(new.fingerprint, now=_now(), propagation=HOUR, force=False)
+        with pytest.raises(SignerError, match=str(tmp_path / "new.pem")):
+            await authority.refresh_trust_bundle()
+        assert _anchors(authority) == {old.fingerprint, new.fingerprint}
+        chain = await _issue(authority)
+        assert chain[-1] == old.certificate_pem
+        with pytest.raises(RootRefusedError, match="1 unexpired certificate"):
+            store.retire_root(old.fingerprint, now=_now(), force=False)
+    finally:
+        await authority.close()

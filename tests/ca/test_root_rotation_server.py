@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 
 from meshca.ca.roots import create_root, prepare_root
+from meshca.cli.main import main
 from meshca.config import load_settings
 from meshca.errors import ConfigError
 from meshca.pki.keys import KeyAlgorithm
@@ -118,6 +120,20 @@ async def test_server_refuses_an_expired_active_root_and_says_what_to_run(
     message = refused.value.message
     assert "expired at" in message
     assert "meshca admin root prepare" in message and "activate ID --force" in message
+
+    # Doing what it says brings the server up on a new root.
+    runner = CliRunner()
+    cli = ["admin", "root"]
+    done = runner.invoke(main, [*cli, "prepare", "--state-dir", str(state)])
+    assert done.exit_code == 0, done.output
+    new_id = done.output.split("root ", 1)[1].split()[0]
+    done = runner.invoke(main, [*cli, "activate", "--state-dir", str(state), new_id, "--force"])
+    assert done.exit_code == 0, done.output
+    server = await start_server(_settings(state))
+    try:
+        assert fingerprint(server.authority.root_certificate) == new_id
+    finally:
+        await server.stop(grace=0)
 
 
 async def _bundle(port: int, fmt: str) -> str:
