@@ -47,7 +47,13 @@ from meshca.ca.roots import load_active_root, open_root_signer
 from meshca.ca.roots import signer_config_for as open_root_config
 from meshca.config import Pkcs11SignerConfig, Settings
 from meshca.durations import format_duration
-from meshca.errors import AuthenticationError, ConfigError, MeshcaError, StoreError
+from meshca.errors import (
+    AuthenticationError,
+    ConfigError,
+    MeshcaError,
+    SignerError,
+    StoreError,
+)
 from meshca.metrics import CAMetrics
 from meshca.pki.profile import fingerprint
 from meshca.ports import listening_pids
@@ -133,7 +139,16 @@ class RunningServer:
         operator: new intermediate, new server certificate), renew the server certificate."""
         await self._heartbeat()
         await self.authority.rotate_if_due()
-        switched = await self.authority.refresh_trust_bundle()
+        try:
+            switched = await self.authority.refresh_trust_bundle()
+        except SignerError as exc:
+            # The rest of maintenance (the server certificate above all) must go on.
+            switched = False
+            log.error(
+                "the store's active root cannot sign here (%s); still signing with root %s",
+                exc,
+                fingerprint(self.authority.root_certificate)[:16],
+            )
         if self.server_cert is not None:
             await self.server_cert.refresh(SERVER_CERT_LIFETIME, renew=switched)
         self.metrics.update_expiry()

@@ -177,3 +177,33 @@ async def test_bundle_endpoint_publishes_the_prepared_root_in_both_formats(
             store.close()
     finally:
         await server.stop(grace=0)
+
+
+async def test_maintenance_goes_on_when_the_new_root_key_is_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    server = await start_server(_settings(state, root_expiry_warning="4000d"))
+    try:
+        old = fingerprint(server.authority.root_certificate)
+        store = _store(state)
+        try:
+            new_key = FileSigner.create(tmp_path / "new-root.pem", KeyAlgorithm.EC_P256)
+            new = prepare_root(store, new_key, TD, ttl=timedelta(days=30), now=datetime.now(UTC))
+            (tmp_path / "new-root.pem").unlink()
+            store.activate_root(
+                new.fingerprint, now=datetime.now(UTC), propagation=timedelta(0), force=True
+            )
+        finally:
+            store.close()
+        with caplog.at_level(logging.WARNING, logger="meshca.server"):
+            await server.maintain_once()
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(
+            "cannot sign here" in m and f"still signing with root {old[:16]}" in m for m in messages
+        ), messages
+        # the steps after the root check still ran (the expiry warning is the last one)
+        assert any("meshca admin root prepare" in m for m in messages), messages
+        assert fingerprint(server.authority.root_certificate) == old
+    finally:
+        await server.stop(grace=0)
