@@ -49,14 +49,7 @@ class LedgerWriter:
         self._queue.append(pending)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        try:
-            return await asyncio.shield(pending.done)
-        except asyncio.CancelledError:
-            # The caller gave up (its deadline passed) while the row was queued or being
-            # committed. Nobody will read the outcome: mark it read, or a failed commit
-            # (a lock timeout) ends in asyncio's "exception was never retrieved".
-            pending.done.add_done_callback(_discard_outcome)
-            raise
+        return await asyncio.shield(pending.done)
 
     async def _flush(self) -> None:
         while self._queue:
@@ -69,6 +62,11 @@ class LedgerWriter:
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_exception(exc)
+                # Its caller may have given up (its deadline passed) and will never read
+                # the outcome: mark it read now, or asyncio reports "exception was never
+                # retrieved". A caller still waiting gets it all the same (shield passes
+                # it on); a callback doing this later may never run if the loop stops.
+                pending.done.exception()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -99,8 +97,3 @@ class LedgerWriter:
         for pending, row in zip(batch, rows, strict=True):
             if not pending.done.done():
                 pending.done.set_result(row)
-
-
-def _discard_outcome(done: asyncio.Future[LedgerRow]) -> None:
-    if not done.cancelled():
-        done.exception()

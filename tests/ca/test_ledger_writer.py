@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -105,3 +106,43 @@ async def test_a_lock_timeout_after_the_caller_gave_up_is_logged_once_and_nothin
     assert errors[0].getMessage().startswith("ledger write failed; 2 certificate(s) withheld")
     assert "database is locked" in errors[0].getMessage()
     assert errors[0].exc_info is None
+
+
+def _callers_give_up_then_the_batch_fails_and_the_loop_stops(unhandled: list[object]) -> None:
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context.get("message")))
+
+    def one_turn() -> None:
+        loop.stop()
+        loop.run_forever()  # a stopped loop runs what is ready once, then returns
+
+    try:
+        # A database nobody listens on: the commit fails (connection refused).
+        writer = LedgerWriter(Store("postgresql+psycopg://nobody@127.0.0.1:1/none"))
+        callers = [loop.create_task(writer.append(issuance(n))) for n in (1, 2)]
+        one_turn()  # the callers queue their rows and start the flusher
+        for caller in callers:
+            caller.cancel()
+        flusher = writer._flusher
+        assert flusher is not None
+        for _ in range(10_000):
+            if flusher.done():
+                break
+            one_turn()
+            time.sleep(0.001)
+        assert flusher.done()
+        assert all(caller.cancelled() for caller in callers)
+    finally:
+        loop.close()  # drops whatever the last turn scheduled
+
+
+def test_a_failed_batch_of_callers_that_gave_up_is_retrieved_even_if_the_loop_stops_next() -> None:
+    """Callers cancelled while their batch is in the database, then the commit fails and the
+    loop runs no further (a program shutting down, stopping its loop): the failed outcomes
+    must be retrieved when they are set, not by callbacks that may never run, or asyncio
+    reports "Future exception was never retrieved" when they are collected."""
+    unhandled: list[object] = []
+    _callers_give_up_then_the_batch_fails_and_the_loop_stops(unhandled)
+    for _ in range(3):
+        gc.collect()
+    assert unhandled == []
