@@ -59,6 +59,8 @@ HEALTHY_AFTER_SECONDS = 60.0
 LISTENERS = {"grpc_listen": "gRPC", "grpc_mtls_listen": "gRPC mTLS", "http_listen": "HTTP"}
 METRICS_PREFIX = "meshca-metrics-"
 PR_SET_PDEATHSIG = 1
+MAX_PID = 1 << 22
+"""Linux never hands out a pid above this (PID_MAX_LIMIT on 64-bit)."""
 
 
 @dataclass
@@ -152,7 +154,11 @@ def sweep_metrics_dirs(parent: str | None = None) -> list[str]:
             if not name.startswith(METRICS_PREFIX) or not entry.is_dir(follow_symlinks=False):
                 continue
             pid = name[len(METRICS_PREFIX) :].split("-", 1)[0]
-            if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            # Anyone may create names here: a pid no process can have (0, beyond the
+            # kernel's range, not ASCII digits) is not a supervisor's; leave it alone.
+            if not (pid.isascii() and pid.isdigit() and 0 < int(pid) <= MAX_PID):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
             try:
                 os.kill(int(pid), 0)

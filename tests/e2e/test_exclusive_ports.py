@@ -188,3 +188,15 @@ def test_metrics_dirs_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
         (directory / "counter_1.db").write_bytes(b"\0" * 16)
     assert sweep_metrics_dirs(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999999", "\N{SUPERSCRIPT TWO}", "0"])
+def test_a_metrics_dir_whose_pid_no_process_can_have_is_left_alone(
+    tmp_path: Path, pid: str
+) -> None:
+    """Anyone may create names in the temp dir: a pid too large for the kernel, a digit
+    int() refuses or pid 0 is no supervisor's; start-up goes on and leaves it."""
+    odd = tmp_path / f"{METRICS_PREFIX}{pid}-x1"
+    odd.mkdir()
+    assert sweep_metrics_dirs(str(tmp_path)) == []
+    assert odd.exists()
