@@ -72,14 +72,20 @@ class _Worker:
     ready: dict[str, Any] | None = None
 
 
-def _die_with_parent(supervisor_pid: int) -> None:
-    """Have the kernel send SIGTERM to this worker when the supervisor dies (Linux)."""
+def _die_with_parent(supervisor_pid: int) -> str | None:
+    """Have the kernel send SIGTERM to this worker when the supervisor dies (Linux).
+
+    Runs first thing, before logging is set up: returns the warning to log if the kernel
+    refused (the parent's pipe then remains the only watch), for the caller to log later.
+    """
+    refused = None
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            log.warning("cannot ask for SIGTERM on supervisor exit: errno %d", ctypes.get_errno())
+            refused = f"cannot ask for SIGTERM on supervisor exit: errno {ctypes.get_errno()}"
     if os.getppid() != supervisor_pid:  # it died before the request above took effect
         sys.exit(1)
+    return refused
 
 
 def _remove_metrics_if_orphaned(supervisor_pid: int) -> None:
@@ -94,9 +100,11 @@ def _worker_main(settings_json: str, index: int, conn: Connection, supervisor_pi
     from meshca.cli.common import exit_code, setup_logging
     from meshca.server import start_server
 
-    _die_with_parent(supervisor_pid)
+    refused = _die_with_parent(supervisor_pid)
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.log_level, background=True)
+    if refused:
+        log.warning("%s", refused)
 
     async def run() -> int:
         loop = asyncio.get_running_loop()

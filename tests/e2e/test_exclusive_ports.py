@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -200,3 +202,39 @@ def test_a_metrics_dir_whose_pid_no_process_can_have_is_left_alone(
     odd.mkdir()
     assert sweep_metrics_dirs(str(tmp_path)) == []
     assert odd.exists()
+
+
+_WORKER_WITHOUT_PDEATHSIG = """
+import ctypes, multiprocessing, os, sys
+
+class RefusingLibc:  # a kernel that refuses PR_SET_PDEATHSIG (EPERM)
+    def prctl(self, *args):
+        return -1
+
+ctypes.CDLL = lambda *args, **kwargs: RefusingLibc()
+ctypes.get_errno = lambda: 1
+from meshca.config import Settings
+from meshca.supervisor import _worker_main
+
+settings = Settings(state_dir=sys.argv[1], grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0",
+                    grpc_mtls_listen=None, log_level="info")
+_, sink = multiprocessing.Pipe(duplex=False)
+_worker_main(settings.model_dump_json(), 0, sink, os.getppid())
+"""
+
+
+def test_a_worker_refused_its_parent_death_signal_says_so_in_the_log_format(
+    tmp_path: Path,
+) -> None:
+    """The warning is written after logging is set up, like every other line of the worker
+    (time, level, logger), not bare on stderr by Python's last-resort handler."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER_WITHOUT_PDEATHSIG, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [line for line in done.stderr.splitlines() if "cannot ask for SIGTERM" in line]
+    assert len(lines) == 1, done.stderr
+    assert re.match(r"\d{4}-\d\d-\d\d \S+ WARNING meshca\.supervisor: cannot ask", lines[0])
+    assert "errno 1" in lines[0]
