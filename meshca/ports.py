@@ -12,7 +12,8 @@ one fails:
    A bound socket that is not listening receives no connections.
 2. Lock: bind the abstract Unix socket ``@meshca-port-<port>`` and listen on it. Only one
    process can hold the name; a second meshca server finds it taken and names the holder
-   (its pid, from SO_PEERCRED). This closes the race of two servers starting at once.
+   (pid, command and user, from SO_PEERCRED; any local user may bind the name, so it is
+   not called a meshca server). This closes the race of two servers starting at once.
    The lock is keyed by port only (not by address): two CAs on one port of two addresses
    of one host are refused too, which is stricter than needed but never lets two share.
 3. Probe: bind the port once more *without* SO_REUSEPORT. Linux refuses that bind while
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshca.errors import ConfigError
+from meshca.statedir import user_name
 
 LOCK_PREFIX = "meshca-port-"
 
@@ -93,6 +95,10 @@ def claim(host: str, port: int, what: str) -> PortClaim:
     try:
         if sys.platform.startswith("linux"):
             lock = _lock(port)
+    except OSError as exc:
+        reservation.close()
+        raise _lock_refused(host, port, what, exc) from None
+    try:
         with _tcp_socket(host, reuse_port=False) as probe:
             probe.bind((host, port))
     except OSError as exc:
@@ -118,6 +124,9 @@ def _lock_name(port: int) -> str:
     return f"\0{LOCK_PREFIX}{port}"
 
 
+_CHOOSE_OTHER_PORTS = "choose other ports (--grpc-listen, --grpc-mtls-listen, --http-listen)"
+
+
 def _cannot_listen(host: str, port: int, what: str, exc: OSError) -> ConfigError:
     """The refusal, naming who holds the port when it is taken."""
     prefix = f"cannot listen for {what} on {_format(host, port)}"
@@ -125,18 +134,32 @@ def _cannot_listen(host: str, port: int, what: str, exc: OSError) -> ConfigError
         return ConfigError(f"{prefix}: {exc.strerror or exc}")
     holder = _lock_holder(port)
     if holder:
-        who = f"another meshca server ({holder})"
+        who = f"{holder}, which also holds its lock @{LOCK_PREFIX}{port}"
     else:
         pids = sorted(listening_pids(port))
         who = "another process" + (f" (pid {', '.join(map(str, pids))})" if pids else "")
     return ConfigError(
-        f"{prefix}: port {port} is in use by {who}; stop it, or choose other ports "
-        "(--grpc-listen, --grpc-mtls-listen, --http-listen)"
+        f"{prefix}: port {port} is in use by {who}; stop it, or {_CHOOSE_OTHER_PORTS}"
+    )
+
+
+def _lock_refused(host: str, port: int, what: str, exc: OSError) -> ConfigError:
+    """The refusal when the port's lock name is taken, naming its holder as the kernel
+    reports it: any local process may bind the name, so it is not said to be meshca."""
+    prefix = f"cannot listen for {what} on {_format(host, port)}"
+    name = f"@{LOCK_PREFIX}{port}"
+    if exc.errno != errno.EADDRINUSE:
+        return ConfigError(f"{prefix}: cannot bind its lock {name}: {exc.strerror or exc}")
+    holder = _lock_holder(port) or "a process that does not accept connections on it"
+    return ConfigError(
+        f"{prefix}: the abstract Unix socket {name}, which a meshca server binds to keep "
+        f"the port its own, is held by {holder}; stop that process, or {_CHOOSE_OTHER_PORTS}"
     )
 
 
 def _lock_holder(port: int) -> str:
-    """``pid N`` of the meshca server holding the lock of ``port``, or "" if none answers."""
+    """``pid N (comm) of uid U (name)``: the process holding the lock of ``port``, as
+    SO_PEERCRED reports it; "" if nobody answers on it."""
     if not sys.platform.startswith("linux"):
         return ""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -146,8 +169,14 @@ def _lock_holder(port: int) -> str:
             creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         except OSError:
             return ""
-    pid = struct.unpack("3i", creds)[0]
-    return f"pid {pid}" if pid > 0 else "pid unknown"
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if pid <= 0:  # in another pid namespace
+        return f"a process of another pid namespace, {user_name(uid)}"
+    try:
+        command = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"pid {pid} of {user_name(uid)}"
+    return f"pid {pid} ({command}) of {user_name(uid)}"
 
 
 def listening_pids(port: int) -> set[int]:
