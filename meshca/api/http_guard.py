@@ -8,11 +8,17 @@ signer. So, per process:
 
 - at most ``max_connections`` HTTP connections are open at once, well below the file
   limit (by default a quarter of ``RLIMIT_NOFILE``, at most 256, after raising the
-  soft limit to the hard one), and one peer address may hold at most a quarter of
-  them; a connection beyond either is answered ``503`` and closed at once;
+  soft limit to the hard one), and one peer at most a quarter of them (a peer is an
+  IPv4 address, or an IPv6 /64: one host is commonly given a whole /64); a connection
+  beyond either is answered ``503``, then closed once the client has closed its side or
+  after ``REFUSED_LINGER_SECONDS`` (closing with the request unread would make the kernel
+  answer RST, and the client would see "connection reset" instead of the 503);
 - a connection must deliver a complete request header within ``idle_timeout`` of
   connecting, and the next one within ``idle_timeout`` of its last response
   (aiohttp's keep-alive timeout), or it is closed;
+- a connection whose client stops reading is closed once its answer has waited
+  ``idle_timeout`` for room in the socket (nothing is buffered beyond the kernel's
+  buffers), so a slow reader of ``/metrics`` cannot hold a descriptor for ever;
 - a malformed request is answered ``400`` by aiohttp and counted; it is logged at
   WARNING at most once a minute, without a stack trace, and otherwise at DEBUG.
 """
@@ -20,6 +26,7 @@ signer. So, per process:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import resource
 import time
@@ -42,6 +49,11 @@ FILE_LIMIT_SHARE = 4
 PEER_SHARE = 4
 """One peer address may hold at most 1/4 of the HTTP connections."""
 WARNING_INTERVAL_SECONDS = 60.0
+REFUSED_LINGER_SECONDS = 1.0
+"""How long a refused connection stays open, reading and dropping what the client sends,
+so that the 503 arrives with a FIN rather than an RST."""
+REFUSED_LINGER_BYTES = 64 * 1024
+IPV6_PEER_PREFIX = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,6 +103,21 @@ class HttpLimits:
         return cls(cap, max(1, cap // PEER_SHARE), idle_timeout)
 
 
+def peer_of(host: str) -> str:
+    """The key the per-peer cap counts a connection under: an IPv4 address as it is, an
+    IPv6 address as its /64 (a host may use any address of its /64; RFC 4291 section
+    2.5.1), an IPv4-mapped IPv6 address as the IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PEER_PREFIX), strict=False))
+    return str(address)
+
+
 class _Warnings:
     """One WARNING line per kind and interval; the rest go to DEBUG."""
 
@@ -118,6 +145,7 @@ class ConnectionGuard:
         self._open = 0
         self._per_peer: dict[str, int] = {}
         self._awaiting_first: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+        self._lingering = 0
 
     @property
     def open_connections(self) -> int:
@@ -177,6 +205,18 @@ class ConnectionGuard:
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
 
+    def _may_linger(self) -> bool:
+        """Whether one more refused connection may stay open a moment (see
+        REFUSED_LINGER_SECONDS); a flood of refused connections must not hold as many
+        descriptors as admitted ones, so at most a quarter of the cap linger at once."""
+        if self._lingering >= max(1, self.limits.max_connections // PEER_SHARE):
+            return False
+        self._lingering += 1
+        return True
+
+    def _lingered(self) -> None:
+        self._lingering -= 1
+
     def _watch_first_request(self, transport: asyncio.Transport, peer: str) -> None:
         def expire() -> None:
             if self._awaiting_first.pop(transport, None) is None:
@@ -213,23 +253,46 @@ class _GuardedConnection(asyncio.Protocol):
         self._make_handler = make_handler
         self._inner: asyncio.Protocol | None = None
         self._peer = "-"
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self._dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         peername = transport.get_extra_info("peername")
-        self._peer = str(peername[0]) if peername else "-"
+        self._peer = peer_of(str(peername[0])) if peername else "-"
         refusal = self._guard._admit(self._peer)
         if refusal is not None:
-            transport.write(self._guard._refused(self._peer, refusal))
-            transport.close()
+            self._refuse(transport, refusal)
             return
         self._transport = transport
+        # Buffer nothing beyond the kernel's socket buffers: a full one means the client
+        # is not reading, and pause_writing starts its deadline.
+        transport.set_write_buffer_limits(high=0)
         self._guard._watch_first_request(transport, self._peer)
         self._inner = self._make_handler()
         self._inner.connection_made(transport)
 
+    def _refuse(self, transport: asyncio.Transport, refusal: str) -> None:
+        transport.write(self._guard._refused(self._peer, refusal))
+        if not self._guard._may_linger():
+            transport.close()
+            return
+        # The 503, then FIN; what the client still sends is read and dropped until it
+        # closes its side (or the linger ends), so the kernel has no reason to send RST.
+        self._lingering = True
+        self._transport = transport
+        transport.write_eof()
+        self._deadline = asyncio.get_running_loop().call_later(
+            REFUSED_LINGER_SECONDS, transport.close
+        )
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._lingering:
+            self._guard._lingered()
         if self._inner is None or self._transport is None:
             return
         self._guard._release(self._peer, self._transport)
@@ -238,15 +301,35 @@ class _GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
+            return
+        self._dropped += len(data)  # a refused connection's request, dropped
+        if self._dropped > REFUSED_LINGER_BYTES and self._transport is not None:
+            self._transport.abort()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
+        if self._inner is None or self._transport is None:
+            return
+        self._inner.pause_writing()
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._guard.limits.idle_timeout.total_seconds(), self._stalled, self._transport
+        )
+
+    def _stalled(self, transport: asyncio.Transport) -> None:
+        self._guard._metrics.http_timed_out.inc()
+        log.debug(
+            "closing HTTP connection from %s: it read none of its answer for %gs",
+            self._peer,
+            self._guard.limits.idle_timeout.total_seconds(),
+        )
+        transport.abort()
 
     def resume_writing(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._inner is not None:
             self._inner.resume_writing()
 

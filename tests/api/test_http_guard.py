@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 
 import pytest
+from aiohttp import web
 
-from meshca.api.http_guard import HttpLimits
+from meshca.api.http_guard import (
+    ConnectionGuard,
+    GuardedSite,
+    HttpLimits,
+    peer_of,
+    runner_options,
+)
 from meshca.errors import ConfigError
+from meshca.metrics import CAMetrics
 from tests.api.conftest import CA, StartCA
 from tests.support import create_certificate, make_csr, uri_sans, verify_with_cryptography
 
@@ -176,3 +185,90 @@ def test_the_default_cap_leaves_most_descriptors_to_issuance() -> None:
         HttpLimits.resolve(1000, ten, file_limit=1024)
     assert info.value.message.startswith("http_max_connections is 1000; this process may open 1024")
     assert "allowed: 1 to 512" in info.value.message
+
+
+async def test_a_refused_client_that_sent_its_request_reads_the_503_then_a_clean_close(
+    start_ca: StartCA,
+) -> None:
+    """A connection refused at the cap has usually sent its request before the server sees
+    it: closing it with the request unread makes the kernel send RST (and drop what is not
+    yet sent), so a client still writing, or one on another system, gets "connection
+    reset" instead of the 503 that says why."""
+    ca = await start_ca(http_max_connections=8, http_idle_timeout="60s")  # 2 per peer
+    request = b"GET /healthz HTTP/1.1\r\nHost: meshca\r\n\r\n"
+    answers = []
+    async with connections(ca, 2):  # 127.0.0.2 holds its two connections
+        for _ in range(5):
+            # Connect and send before the server's loop runs again: the request is in
+            # the server's receive buffer when the connection is accepted.
+            sock = socket.create_connection(
+                ("127.0.0.1", ca.server.http_port), source_address=("127.0.0.2", 0)
+            )
+            sock.sendall(request)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            answer = b""
+            try:
+                async with asyncio.timeout(5):
+                    while chunk := await reader.read(4096):
+                        answer += chunk
+            except ConnectionResetError:
+                answer += b"<reset>"
+            finally:
+                writer.close()
+            answers.append(answer)
+    assert [a for a in answers if not a.startswith(b"HTTP/1.1 503") or b"<reset>" in a] == []
+
+
+async def test_a_client_that_stops_reading_its_answers_is_closed(start_ca: StartCA) -> None:
+    """Pipelined requests for /metrics whose answers are never read fill the socket buffers:
+    the server must not wait for ever to write (holding the connection and its descriptor
+    beyond the idle timeout)."""
+    ca = await start_ca(http_idle_timeout="1s")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+    sock.bind(("127.0.0.2", 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", ca.server.http_port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: meshca\r\n\r\n" * 3000)
+        for _ in range(100):  # well past the idle timeout, without reading a byte
+            await asyncio.sleep(0.1)
+            if metric(ca, "meshca_http_connections") == 0:
+                break
+        assert metric(ca, "meshca_http_connections") == 0
+    finally:
+        writer.close()
+
+
+def test_an_ipv6_peer_is_its_64() -> None:
+    """One host may use any address of its /64: counting each address apart would give it
+    2^64 times the per-peer share."""
+    assert peer_of("2001:db8:1:2::1") == peer_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert peer_of("2001:db8:1:3::1") != peer_of("2001:db8:1:2::1")
+    assert peer_of("fe80::1%eth0") == "fe80::/64"
+    assert peer_of("::ffff:192.0.2.7") == peer_of("192.0.2.7") == "192.0.2.7"
+    assert peer_of("192.0.2.8") != peer_of("192.0.2.7")
+
+
+async def test_the_per_peer_cap_counts_an_ipv6_peer_by_its_64() -> None:
+    guard = ConnectionGuard(HttpLimits(4, 1, timedelta(seconds=10)), CAMetrics())
+    runner = web.AppRunner(web.Application(middlewares=[guard.middleware]), **runner_options(guard))
+    await runner.setup()
+    site = GuardedSite(runner, "::1", 0, guard)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        pytest.skip(f"cannot listen on [::1]: {exc}")
+    try:
+        port = runner.addresses[0][1]
+        _, held = await asyncio.open_connection("::1", port)
+        reader, writer = await asyncio.open_connection("::1", port)
+        answer = await closed_by_server(reader, within=5)
+        writer.close()
+        held.close()
+    finally:
+        await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert b"::/64 already holds 1 HTTP connections" in answer
