@@ -12,6 +12,12 @@ hold whatever the process umask:
   refused, because what they may have put there cannot be known. Read or search access
   for group or others (0755, as earlier meshca versions created it) is removed, with a
   warning, if the directory holds only meshca's files; otherwise only the warning.
+- Every directory above it must be owned by root or meshca's user and be writable by
+  nobody else, unless it has the sticky bit (as ``/tmp`` has): whoever may write in a
+  parent may rename the state directory away and put their own in its place, whatever
+  its own mode (the rule of OpenSSH's StrictModes). The directories on the path as
+  given and on the path with symbolic links resolved are both checked, since a link's
+  directory decides where it points.
 - A private file (the database, its ``-wal``, ``-shm``, ``-journal`` and write-lock
   files) is created with mode 0600; an existing one must be a regular file, not a
   symbolic link, owned by meshca's user. Group and other bits are removed, with a
@@ -104,6 +110,45 @@ def make_private_dirs(path: Path) -> None:
             os.close(fd)
 
 
+def check_parents(path: Path, *, error: type[MeshcaError], what: str) -> None:
+    """Raise ``error`` if another user may replace ``path`` through a directory above it.
+
+    Each existing parent, on the path as given and with symbolic links resolved, must be
+    owned by root or meshca's user, and must not be writable by group or others unless
+    its sticky bit is set (then others may not rename or remove what is not theirs).
+    Parents that do not exist yet are meshca's to create (0755).
+    """
+    me = os.geteuid()
+    given = Path(os.path.abspath(path))
+    checked: set[Path] = set()
+    for parent in (*given.parents, *Path(os.path.realpath(path)).parents):
+        if parent in checked:
+            continue
+        checked.add(parent)
+        try:
+            info = os.stat(parent)
+        except OSError:
+            continue  # missing: created by meshca; unreadable: the open that follows says so
+        if info.st_uid not in (0, me):
+            raise error(
+                f"{what} {path} lies under {parent}, which is owned by "
+                f"{user_name(info.st_uid)}, who may rename {path} away and put another in "
+                f"its place; allowed owners of the directories above it: root or "
+                f"{user_name(me)}. Move the {what} elsewhere, or run "
+                f"'chown {_login(me)} {parent}' as root",
+                reason="unsafe_parent",
+            )
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & _GROUP_OTHER_WRITE and not mode & stat.S_ISVTX:
+            raise error(
+                f"{what} {path} lies under {parent}, which has mode {mode:04o}, so "
+                f"other users may rename {path} away and put another in its place; allowed: "
+                f"not writable by group or others, or the sticky bit set (as /tmp has). "
+                f"Run 'chmod go-w {parent}' or move the {what} elsewhere",
+                reason="unsafe_parent",
+            )
+
+
 def ensure_private_dir(
     path: Path,
     *,
@@ -121,6 +166,7 @@ def ensure_private_dir(
     or others, or cannot be written by meshca's user.
     """
     path = Path(path)
+    check_parents(path, error=error, what=what)
     try:
         make_private_dirs(path)
         # The final component may be a symbolic link an administrator made (the checks

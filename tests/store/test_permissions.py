@@ -167,6 +167,65 @@ def test_the_file_signer_refuses_a_state_dir_owned_by_another_user(tmp_path: Pat
     assert not (state / "root-key.pem").exists()
 
 
+# -- the directories above it ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loose", [0o777, 0o775, 0o757])
+def test_a_parent_others_may_write_is_refused(tmp_path: Path, loose: int) -> None:
+    """Whoever may write in a parent may rename the state directory away and put their own
+    in its place, whatever the state directory's own mode."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(loose)
+    state = parent / "state"
+    with pytest.raises(StoreError) as info:
+        Store.open(f"sqlite:///{state / 'meshca.db'}")
+    assert info.value.reason == "unsafe_parent"
+    assert f"lies under {parent}, which has mode {loose:04o}" in info.value.message
+    assert f"chmod go-w {parent}" in info.value.message
+    assert not state.exists()
+
+
+def test_a_sticky_parent_others_may_write_is_accepted(tmp_path: Path) -> None:
+    """Like /tmp: with the sticky bit, others may not rename or remove what is ours."""
+    parent = tmp_path / "sticky"
+    parent.mkdir()
+    parent.chmod(0o1777)
+    open_and_write(parent / "state" / "meshca.db").close()
+    assert mode(parent / "state") == 0o700
+
+
+def test_a_parent_reached_through_a_symbolic_link_is_checked_too(tmp_path: Path) -> None:
+    """The link lives in the loose directory: whoever may write there may point it
+    elsewhere, although the directory it names now is safe."""
+    safe = tmp_path / "safe"
+    (safe / "state").mkdir(parents=True, mode=0o700)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    (loose / "link").symlink_to(safe)
+    with pytest.raises(StoreError) as info:
+        Store.open(f"sqlite:///{loose / 'link' / 'state' / 'meshca.db'}")
+    assert info.value.reason == "unsafe_parent"
+    assert f"lies under {loose}, which has mode 0777" in info.value.message
+
+
+@needs_root
+def test_a_parent_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, NOBODY, NOBODY)
+    (parent / "state").mkdir(mode=0o700)
+    with pytest.raises(SignerError) as info:
+        from meshca.config import FileSignerConfig
+        from meshca.signers.factory import open_signer
+
+        open_signer(FileSignerConfig(), state_dir=parent / "state", create=True)
+    assert info.value.reason == "unsafe_parent"
+    assert f"lies under {parent}, which is owned by uid {NOBODY} (nobody)" in info.value.message
+    assert not (parent / "state" / "root-key.pem").exists()
+
+
 # -- the database files -----------------------------------------------------------------
 
 
