@@ -346,3 +346,31 @@ def test_a_read_only_database_file_is_named_with_its_mode_and_the_fix(shared_bas
         f"by uid {NOBODY} (nobody)" in output
     )
     assert f"chmod 600 {state / 'meshca.db'}" in output
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "args", [["admin", "status"], ["admin", "ledger", "verify"]], ids=["status", "verify"]
+)
+def test_a_read_only_command_as_root_leaves_the_server_able_to_start(
+    shared_base: Path, args: list[str]
+) -> None:
+    """meshca runs as its own user (here nobody); root audits while it is stopped. SQLite
+    needs the WAL's -shm (and -wal) even to read, and creates them: as root it gives them
+    the database's owner, so meshca does not find root's files in its directory and refuse
+    to start."""
+    state = shared_base / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    code, output = run_as_nobody("admin", "db", "upgrade", "--state-dir", str(state))
+    assert code == 0, output
+    assert not (state / "meshca.db-shm").exists()  # a clean close removes them
+
+    result = CliRunner().invoke(main, [*args, "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    assert (state / "meshca.db-shm").exists()  # made by root's read-only open
+    for path in state.iterdir():
+        assert path.stat().st_uid == NOBODY, path
+        assert mode(path) & 0o077 == 0, path
+    code, output = run_as_nobody("admin", "db", "upgrade", "--state-dir", str(state))
+    assert code == 0, output
