@@ -7,8 +7,15 @@ keep the context they were made with.
 
 OpenSSL verifies the peer's chain against the trust bundle (the roots) with the
 intermediates the peer sends; the hostname check is off and replaced by the SPIFFE
-checks of :func:`check_peer` (X509-SVID spec, sections 3 and 4). Session tickets are
-off, so that every connection is a full handshake verified against the current bundle.
+checks of :func:`check_peer` (X509-SVID spec, sections 3 and 4).
+
+Resumption: session tickets are off (TLS 1.3 and 1.2). OpenSSL's server-side session
+cache, which Python offers no way to turn off, still lets a TLS 1.2 client resume a
+session by its ID; such a handshake verifies no certificate. It cannot outlive the
+bundle (each publication builds new contexts, with empty caches), the X509-SVID checks
+and the policy run on every connection, resumed or not, and :func:`check_peer` checks
+the certificate's validity period itself at every connection, so a resumed session
+never stretches a certificate past its notAfter.
 
 The private key reaches OpenSSL through an anonymous memory file (``memfd_create``),
 never through a file on disk.
@@ -22,7 +29,7 @@ import os
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cryptography import x509
 
@@ -41,6 +48,7 @@ class PeerIdentity:
 
     spiffe_id: SpiffeId
     serial: str
+    not_before: datetime
     not_after: datetime
 
 
@@ -52,21 +60,32 @@ class PeerRefusedError(Exception):
         self.reason = reason
 
 
-def check_peer(der: bytes | None, trust_domain: TrustDomain) -> PeerIdentity:
+def check_peer(
+    der: bytes | None, trust_domain: TrustDomain, now: datetime | None = None
+) -> PeerIdentity:
     """The peer's identity from its verified leaf; PeerRefusedError saying what is wrong.
 
     X509-SVID 2 and 3: exactly one URI SAN, a valid SPIFFE ID with a path, in our trust
-    domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused).
+    domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused). RFC 5280
+    4.1.2.5: ``now`` (default: the current time) lies within the validity period.
 
     A peer presents the same certificate on every connection until it rotates, so the
-    answer is cached by the certificate's bytes (refusals too); OpenSSL has already
-    checked the chain and the validity period for this handshake.
+    answer of the checks that do not depend on time is cached by the certificate's bytes
+    (refusals too). The validity period is checked on every call: OpenSSL checks it in a
+    full handshake, but a resumed TLS 1.2 session verifies no certificate.
     """
     if not der:
         raise PeerRefusedError("the peer sent no certificate")
     outcome = _check_cached(der, trust_domain)
     if isinstance(outcome, str):
         raise PeerRefusedError(outcome)
+    now = now or datetime.now(UTC)
+    if now > outcome.not_after:
+        raise PeerRefusedError(f"the peer certificate expired at {outcome.not_after.isoformat()}")
+    if now < outcome.not_before:
+        raise PeerRefusedError(
+            f"the peer certificate is not valid before {outcome.not_before.isoformat()}"
+        )
     return outcome
 
 
@@ -110,7 +129,12 @@ def _check(der: bytes, trust_domain: TrustDomain) -> PeerIdentity:
             f"the peer's SPIFFE ID {spiffe_id} is in trust domain {spiffe_id.trust_domain}; "
             f"allowed: {trust_domain}"
         )
-    return PeerIdentity(spiffe_id, format(cert.serial_number, "x"), cert.not_valid_after_utc)
+    return PeerIdentity(
+        spiffe_id,
+        format(cert.serial_number, "x"),
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+    )
 
 
 @contextlib.contextmanager
