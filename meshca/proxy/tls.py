@@ -66,7 +66,8 @@ def check_peer(
     """The peer's identity from its verified leaf; PeerRefusedError saying what is wrong.
 
     X509-SVID 2 and 3: exactly one URI SAN, a valid SPIFFE ID with a path, in our trust
-    domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused). RFC 5280
+    domain; 4.1: a leaf is not a CA (BasicConstraints CA:true is refused); 4.3: its
+    KeyUsage has digitalSignature and neither keyCertSign nor cRLSign. RFC 5280
     4.1.2.5: ``now`` (default: the current time) lies within the validity period.
 
     A peer presents the same certificate on every connection until it rotates, so the
@@ -106,6 +107,19 @@ def _check(der: bytes, trust_domain: TrustDomain) -> PeerIdentity:
     if basic is not None and basic.ca:
         raise PeerRefusedError(
             "the peer certificate is a CA certificate (CA:true); an X509-SVID is not"
+        )
+    try:
+        usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or not usage.digital_signature:
+        raise PeerRefusedError(
+            "the peer certificate's KeyUsage lacks digitalSignature; an X509-SVID has it"
+        )
+    if usage.key_cert_sign or usage.crl_sign:
+        raise PeerRefusedError(
+            "the peer certificate may sign certificates or CRLs (KeyUsage keyCertSign or "
+            "cRLSign); an X509-SVID may not"
         )
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -5,6 +5,7 @@ other-domain       an SVID from another trust domain's CA (not in our bundle)
 self-signed        a self-signed certificate carrying our trust domain's SPIFFE ID
 two-uri-sans       signed by our CA, with two SPIFFE IDs in the SAN
 ca-true-leaf       signed by our CA, a SPIFFE ID but BasicConstraints CA:true
+cert-sign-leaf     signed by our CA, CA:false but KeyUsage keyCertSign (X509-SVID 4.3)
 foreign-id         signed by our CA (which federates nothing) but naming another domain
 """
 
@@ -29,6 +30,7 @@ def _leaf(
     uris: list[str],
     *,
     ca: bool = False,
+    cert_sign: bool = False,
     key: PrivateKey | None = None,
     expired: bool = False,
 ) -> tuple[PrivateKey, x509.Certificate]:
@@ -43,6 +45,20 @@ def _leaf(
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=cert_sign,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -79,6 +95,8 @@ def bad_client(ca: LocalCA, directory: Path, defect: str) -> Files:
         )
     elif defect == "ca-true-leaf":
         key, cert = _leaf(ca.inter_key, inter, [str(FRONTEND)], ca=True)
+    elif defect == "cert-sign-leaf":
+        key, cert = _leaf(ca.inter_key, inter, [str(FRONTEND)], cert_sign=True)
     elif defect == "foreign-id":
         key, cert = _leaf(ca.inter_key, inter, ["spiffe://other.example/ns/shop/sa/frontend"])
     else:

@@ -101,6 +101,8 @@ REFUSALS = {
     "self-signed": "certificate verify failed: self-signed certificate",
     "two-uri-sans": "the peer certificate has 2 URI SANs; an X509-SVID has exactly one",
     "ca-true-leaf": "the peer certificate is a CA certificate (CA:true); an X509-SVID is not",
+    "cert-sign-leaf": "the peer certificate may sign certificates or CRLs (KeyUsage "
+    "keyCertSign or cRLSign); an X509-SVID may not",
     "foreign-id": "is in trust domain other.example; allowed: cluster.local",
 }
 
