@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 NOT_READY = "not ready: no certificate from the agent yet"
 REFUSAL_LINGER_SECONDS = 0.25
+CLOSE_GRACE_SECONDS = 1.0  # a connection the proxy ends waits this long for close_notify
 ACCEPT_BATCH = 64  # connections accepted per wake-up of a listener
 ACCEPT_PAUSE_SECONDS = 0.1  # a refused peer's bytes are read and dropped this long
 
@@ -179,9 +180,9 @@ class Connection:
             )
             return
         self.reason = f"idle timeout ({self.state.limits.idle_timeout:g}s without a byte)"
-        self.downstream.close()
+        self.downstream.close_within(CLOSE_GRACE_SECONDS)
         if self.upstream is not None:
-            self.upstream.close()
+            self.upstream.close_within(CLOSE_GRACE_SECONDS)
 
     async def connect_upstream(self, host: str, port: int) -> Leg:
         leg = Leg(self)
@@ -307,9 +308,9 @@ class Connection:
         self.decision, self.reason = exc.decision, exc.reason
         if exc.rule is not None:
             self.rule = exc.rule
-        self.downstream.shut(REFUSAL_LINGER_SECONDS)
+        self.downstream.shut(REFUSAL_LINGER_SECONDS, CLOSE_GRACE_SECONDS)
         if self.upstream is not None:
-            self.upstream.close()
+            self.upstream.close_within(CLOSE_GRACE_SECONDS)
 
     # access log -----------------------------------------------------------------------
     def _base(self) -> dict[str, Any]:

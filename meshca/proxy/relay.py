@@ -99,8 +99,8 @@ class Leg(asyncio.Protocol):
         self.other.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
+        if self.other is not None:
+            self.other.close()
         return False
 
     def pause_writing(self) -> None:
@@ -113,13 +113,14 @@ class Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
+        if self.other is not None:
+            self.other.close()
         self.owner.leg_lost(self, exc)
 
-    def shut(self, linger: float) -> None:
+    def shut(self, linger: float, grace: float) -> None:
         """Close cleanly a leg that is not relayed: FIN (plain TCP) or close_notify, after
-        reading and dropping what the peer already sent, so the kernel sends no reset."""
+        reading and dropping what the peer already sent for ``linger`` seconds, so the
+        kernel sends no reset; see :meth:`close_within` for ``grace``."""
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -129,11 +130,27 @@ class Leg(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         transport.resume_reading()
-        asyncio.get_running_loop().call_later(linger, self.close)
+        asyncio.get_running_loop().call_later(linger, self.close_within, grace)
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
+        """Close once: asyncio's TLS transport, closed a second time, forgets its protocol
+        and a later :meth:`abort` does nothing."""
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.close()
+
+    def close_within(self, grace: float) -> None:
+        """Close, and drop the connection if it is still open ``grace`` seconds later.
+
+        Closing a TLS transport sends close_notify and waits for the peer's, for up to
+        asyncio's TLS shutdown timeout (30 seconds): a peer that never answers would hold
+        the connection, and its slot under the connection limit, that long. For the
+        connections the proxy ends on its own (refused, idle) nothing is left to deliver,
+        so a short wait is enough.
+        """
+        if self.transport is None or self.closed:
+            return
+        self.close()
+        asyncio.get_running_loop().call_later(grace, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:

@@ -1,0 +1,102 @@
+"""Peers that try to hold the proxy's resources: each is bounded and closed promptly.
+
+The bounds asserted here are limits of the proxy's own making (several times the value
+configured), not performance figures: without them the same connections stay open for
+asyncio's 30-second TLS shutdown timeout, or for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from pathlib import Path
+
+from meshca.agent.credentials import CredentialStore
+from meshca.proxy.config import Limits
+from tests.agent.support import LocalCA
+from tests.proxy.conftest import Echo
+from tests.proxy.support import (
+    BACKEND,
+    FRONTEND,
+    INTRUDER,
+    WAIT,
+    Files,
+    client_context,
+    config,
+    identity_files,
+    proxy,
+    wait_for_log,
+)
+
+LISTEN = "127.0.0.1:0"
+CLOSED_WITHIN = 5.0
+"""Seconds: far above what the proxy takes (about one), far below asyncio's 30."""
+
+
+async def backend_store(ca: LocalCA) -> CredentialStore:
+    store = CredentialStore()
+    await ca.publish(store, BACKEND)
+    return store
+
+
+class MuteClient:
+    """A TLS client that completes the handshake, optionally echoes one message, then
+    neither reads nor closes: it never answers the proxy's close_notify."""
+
+    def __init__(self, port: int, files: Files, payload: bytes | None) -> None:
+        self._release = threading.Event()
+        self._ready = threading.Event()
+        self.echoed = b""
+        self._thread = threading.Thread(target=self._run, args=(port, files, payload))
+        self._thread.start()
+        assert self._ready.wait(WAIT), "the mute client did not connect"
+
+    def _run(self, port: int, files: Files, payload: bytes | None) -> None:
+        ctx = client_context(files, files.roots)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+            tls = ctx.wrap_socket(raw, server_hostname="proxy")
+            if payload is not None:
+                tls.sendall(payload)
+                self.echoed = tls.recv(len(payload))
+            self._ready.set()
+            self._release.wait(WAIT * 4)
+            tls.close()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(WAIT)
+
+
+async def test_refused_and_idle_connections_do_not_wait_for_a_close_notify(
+    ca: LocalCA, echo: Echo, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"listeners": {LISTEN: {"allow": [str(FRONTEND)]}}}))
+    limits = Limits(handshake_timeout=5, idle_timeout=0.3, connect_timeout=2)
+    cfg = config(
+        tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",), policy=policy, limits=limits
+    )
+    async with proxy(cfg, await backend_store(ca)) as running:
+        await running.wait_ready()
+        port = running.ports[LISTEN]
+        intruder = identity_files(ca, tmp_path, INTRUDER)
+        frontend = identity_files(ca, tmp_path, FRONTEND)
+        loop = asyncio.get_running_loop()
+        clients = []
+        try:
+            started = loop.time()
+            clients.append(await asyncio.to_thread(MuteClient, port, intruder, None))
+            clients.append(await asyncio.to_thread(MuteClient, port, frontend, b"hi"))
+            assert clients[1].echoed == b"hi"
+            lines = await wait_for_log(
+                tmp_path / "access.log", lambda lines: len(lines) == 2, "both closed"
+            )
+            assert loop.time() - started < CLOSED_WITHIN, "a mute peer held its connection"
+            assert running.state.active == 0
+        finally:
+            for client in clients:
+                await asyncio.to_thread(client.release)
+    reasons = sorted(str(line["reason"]) for line in lines)
+    assert reasons == ["idle timeout (0.3s without a byte)", f"{INTRUDER} refused by the policy"]
