@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 1.0
 BACKLOG = 1024
 STOP_GRACE_SECONDS = 2.0
+RETRY_SECONDS = 1.0  # loading new credentials that failed for want of descriptors or memory
 
 
 @dataclass
@@ -125,11 +126,34 @@ class RunningProxy:
 
 
 async def _follow(store: CredentialStore, state: ProxyState, min_version: str) -> None:
+    """Build new TLS contexts for every publication of the credentials.
+
+    Credentials OpenSSL refuses are skipped (the previous ones stay in force, logged). A
+    system error (out of file descriptors or memory, as under a connection flood) is
+    retried every :data:`RETRY_SECONDS` until it succeeds or newer credentials arrive:
+    giving up would leave the proxy on its old SVID and its old bundle for good.
+    """
     async for creds in store.updates():
-        try:
-            state.contexts = TlsContexts.build(creds, min_version)
-        except (ssl.SSLError, ValueError) as exc:
-            log.error("cannot use the X509-SVID %s: %s; keeping the previous one", creds, exc)
+        while True:
+            try:
+                state.contexts = TlsContexts.build(creds, min_version)
+                break
+            except (ssl.SSLError, ValueError) as exc:
+                log.error("cannot use the X509-SVID %s: %s; keeping the previous one", creds, exc)
+                break
+            except OSError as exc:
+                log.error(
+                    "cannot load the X509-SVID %s: %s; keeping the previous one and "
+                    "retrying in %gs",
+                    creds,
+                    exc.strerror or exc,
+                    RETRY_SECONDS,
+                )
+            await asyncio.sleep(RETRY_SECONDS)
+            current = store.current()
+            if current is not None and current.version > creds.version:
+                break  # the loop takes the newer ones
+        if state.contexts is None or state.contexts.creds is not creds:
             continue
         state.metrics.not_after.set(creds.not_after.timestamp())
         log.info(

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from meshca.agent.credentials import CredentialStore
 from tests.agent.support import LocalCA
 from tests.proxy.conftest import Echo
@@ -111,3 +113,42 @@ async def test_a_new_trust_bundle_applies_to_the_next_handshake(
     lines = read_log(tmp_path / "access.log")
     assert [line["decision"] for line in lines] == ["allow", "allow", "deny"]
     assert lines[2]["reason"] == "certificate verify failed: unable to get local issuer certificate"
+
+
+async def test_a_publication_that_cannot_be_loaded_for_want_of_descriptors_is_retried(
+    ca: LocalCA, echo: Echo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors (a connection flood) when new credentials arrive: the proxy
+    must go on following rotations once descriptors are free, not keep the old SVID and
+    the old bundle (with a root that may be retired) until it is restarted."""
+    import errno
+    import os
+
+    store = CredentialStore()
+    await ca.publish(store, BACKEND)
+    cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",))
+    async with proxy(cfg, store) as running:
+        await running.wait_ready()
+        real = os.memfd_create
+        failures = []
+
+        def exhausted(name: str, flags: int = 0) -> int:
+            if not failures:
+                failures.append(name)
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(name, flags)
+
+        monkeypatch.setattr(os, "memfd_create", exhausted)
+        await ca.publish(store, BACKEND)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while running.state.contexts is None or running.state.contexts.creds.version < 2:
+            assert loop.time() < deadline, "the new credentials were never loaded"
+            assert all(not t.done() for t in running.tasks), "a proxy task ended"
+            await asyncio.sleep(0.05)
+        assert failures, "the test did not exhaust descriptors"
+        # Later rotations are followed too.
+        await ca.publish(store, BACKEND)
+        while running.state.contexts.creds.version < 3:
+            assert loop.time() < deadline, "a later rotation was not followed"
+            await asyncio.sleep(0.05)
