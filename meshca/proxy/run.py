@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -21,9 +22,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from meshca.agent.credentials import CredentialStore
+from meshca.api.http_guard import raise_file_limit
 from meshca.errors import ConfigError
 from meshca.proxy.accesslog import AccessLog
-from meshca.proxy.config import ProxyConfig, split_host_port
+from meshca.proxy.config import Limits, ProxyConfig, split_host_port
 from meshca.proxy.listeners import (
     NOT_READY,
     Acceptor,
@@ -43,6 +45,8 @@ HOUSEKEEPING_SECONDS = 1.0
 BACKLOG = 1024
 STOP_GRACE_SECONDS = 2.0
 RETRY_SECONDS = 1.0  # loading new credentials that failed for want of descriptors or memory
+RESERVED_DESCRIPTORS = 128  # listeners, logs, the Workload API, new credentials...
+DESCRIPTORS_PER_CONNECTION = 2  # the peer's socket and the application's (or remote's)
 
 
 @dataclass
@@ -196,7 +200,7 @@ async def start_proxy(
     state = ProxyState(
         policy=PolicyFile(config.policy_file),
         access_log=_open_access_log(config),
-        limits=config.limits,
+        limits=_fit_file_limit(config.limits),
         metrics=ProxyMetrics(),
     )
     listeners: list[tuple[str, Acceptor]] = [
@@ -236,6 +240,26 @@ async def start_proxy(
     if source is not None:
         source.start()
     return running
+
+
+def _fit_file_limit(limits: Limits) -> Limits:
+    """Raise the soft file limit to the hard one, and lower ``max_connections`` to what
+    it allows (two descriptors a connection, :data:`RESERVED_DESCRIPTORS` kept for the
+    rest), so that a flood meets the connection limit, with a log line per refusal,
+    before the process runs out of descriptors (accepts paused, upstream connections
+    and new credentials failing)."""
+    files = raise_file_limit()
+    fits = max(1, (files - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+    if limits.max_connections <= fits:
+        return limits
+    log.warning(
+        "--max-connections %d is above what %d open files allow; using %d "
+        "(raise the limit: ulimit -n, LimitNOFILE= in the systemd unit)",
+        limits.max_connections,
+        files,
+        fits,
+    )
+    return dataclasses.replace(limits, max_connections=fits)
 
 
 def _open_access_log(config: ProxyConfig) -> AccessLog:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from meshca.agent.credentials import CredentialStore
 from meshca.proxy.config import Limits
@@ -100,3 +104,20 @@ async def test_refused_and_idle_connections_do_not_wait_for_a_close_notify(
                 await asyncio.to_thread(client.release)
     reasons = sorted(str(line["reason"]) for line in lines)
     assert reasons == ["idle timeout (0.3s without a byte)", f"{INTRUDER} refused by the policy"]
+
+
+async def test_the_connection_limit_stays_below_the_file_limit(
+    ca: LocalCA, echo: Echo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Each proxied connection holds two descriptors; a limit above what the process may
+    open would let a flood exhaust them (accepts pause, upstream connections and new
+    credentials fail) before a single connection is refused for the limit."""
+    import meshca.proxy.run as run
+
+    monkeypatch.setattr(run, "raise_file_limit", lambda: 1024)
+    limits = Limits(max_connections=10_000)
+    cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",), limits=limits)
+    with caplog.at_level(logging.WARNING, logger="meshca.proxy.run"):
+        async with proxy(cfg, await backend_store(ca)) as running:
+            assert running.state.limits.max_connections == (1024 - run.RESERVED_DESCRIPTORS) // 2
+    assert "--max-connections 10000 is above what 1024 open files allow" in caplog.text
