@@ -107,6 +107,15 @@ FILE = click.Path(path_type=Path, dir_okay=False)
     help="Open connections per worker; more are closed.",
 )
 @env_option(
+    "--max-handshakes-per-peer",
+    env="PROXY_MAX_HANDSHAKES_PER_PEER",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="TLS handshakes one client address (an IPv6 /64) may have in progress at once, "
+    "per worker; more are closed, so one host cannot hold every connection.",
+)
+@env_option(
     "--log-level",
     env="PROXY_LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -127,6 +136,7 @@ def proxy(
     idle_timeout: object,
     connect_timeout: object,
     max_connections: int,
+    max_handshakes_per_peer: int,
     log_level: str,
 ) -> None:
     """Run the mTLS sidecar proxy with the agent's X509-SVID.
@@ -163,6 +173,7 @@ def proxy(
                 idle_timeout=seconds(idle_timeout),
                 connect_timeout=seconds(connect_timeout),
                 max_connections=max_connections,
+                max_handshakes_per_peer=max_handshakes_per_peer,
             ),
         )
         if workload_api_socket is None:

@@ -85,12 +85,19 @@ class Outbound:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Timeouts in seconds; ``max_connections`` per worker process."""
+    """Timeouts in seconds; ``max_connections`` per worker process.
+
+    ``max_handshakes_per_peer``: inbound connections one peer address (an IPv6 /64) may
+    have in the TLS handshake at once, per worker; before the handshake a peer has
+    proved nothing, and without this one host could hold every connection slot with
+    connections that never finish a handshake.
+    """
 
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     connect_timeout: float = 5.0
     max_connections: int = 10_000
+    max_handshakes_per_peer: int = 128
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from meshca.api.http_guard import peer_of
 from meshca.proxy.accesslog import AccessLog
 from meshca.proxy.config import Inbound, Limits, Outbound
 from meshca.proxy.http import HttpExchange
@@ -61,6 +62,7 @@ class ProxyState:
     contexts: TlsContexts | None = None
     active: int = 0
     connections: set[Connection] = field(default_factory=set)
+    handshakes: dict[str, int] = field(default_factory=dict)  # in progress, by peer
 
 
 class _Refused(Exception):  # noqa: N818 (control flow, not an error)
@@ -103,24 +105,53 @@ class Connection:
         self._working = True
         self._logged = False
         self._idle: asyncio.TimerHandle | None = None
+        self._handshaking: str | None = None  # the peer key counted in state.handshakes
 
     # life cycle -------------------------------------------------------------------
-    def start(self, run: Callable[[Connection], Coroutine[Any, Any, None]]) -> None:
-        """Count the connection and start its task (or refuse it over the limit)."""
+    def start(
+        self,
+        run: Callable[[Connection], Coroutine[Any, Any, None]],
+        handshake_peer: str | None = None,
+    ) -> None:
+        """Count the connection and start its task, or refuse it over a limit: the
+        connection limit, or (``handshake_peer``: the peer key of an inbound connection)
+        the handshakes that peer has in progress."""
         self.state.active += 1
         self.state.connections.add(self)
         limits = self.state.limits
+        refusal: tuple[str, str | None, str] | None = None
         if self.state.active > limits.max_connections:
+            refusal = ("error", None, f"max connections reached ({limits.max_connections})")
+        elif handshake_peer is not None:
+            pending = self.state.handshakes.get(handshake_peer, 0)
+            if pending >= limits.max_handshakes_per_peer:
+                refusal = (
+                    "deny",
+                    "max handshakes per peer",
+                    f"{handshake_peer} already has {pending} TLS handshakes in progress",
+                )
+            else:
+                self.state.handshakes[handshake_peer] = pending + 1
+                self._handshaking = handshake_peer
+        if refusal is not None:
             self._working = False
-            self.decision, self.reason = (
-                "error",
-                f"max connections reached ({limits.max_connections})",
-            )
+            self.decision, self.rule, self.reason = refusal
             self._close_socket()
             self._maybe_finish()
             return
         task = asyncio.get_running_loop().create_task(run(self))
         task.add_done_callback(self._task_done)
+
+    def handshake_over(self) -> None:
+        """The handshake ended (either way): the peer's count goes down."""
+        peer, self._handshaking = self._handshaking, None
+        if peer is None:
+            return
+        left = self.state.handshakes.get(peer, 1) - 1
+        if left > 0:
+            self.state.handshakes[peer] = left
+        else:
+            self.state.handshakes.pop(peer, None)
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -129,6 +160,7 @@ class Connection:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._working = False
+        self.handshake_over()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("proxy connection failed unexpectedly", exc_info=exc)
             self.decision, self.reason = "error", f"internal error: {type(exc).__name__}: {exc}"
@@ -221,7 +253,10 @@ class Connection:
             ssl=ctx,
             ssl_handshake_timeout=self.state.limits.handshake_timeout,
         )
-        return await self._checked(self.downstream, handshake, sock)
+        try:
+            return await self._checked(self.downstream, handshake, sock)
+        finally:
+            self.handshake_over()
 
     async def connect_tls(self, host: str, port: int, ctx: ssl.SSLContext) -> PeerIdentity:
         """Connect to the remote (connect timeout), then the client-side handshake and the
@@ -412,8 +447,9 @@ Acceptor = Callable[[socket.socket, object], None]
 def inbound_acceptor(state: ProxyState, spec: Inbound) -> Acceptor:
     def accept(sock: socket.socket, addr: object) -> None:
         conn = Connection(state, "inbound", spec.listen, spec.http, sock)
-        conn.record["peer_address"], conn.record["peer_port"] = _address(addr)
-        conn.start(lambda c: _run_inbound(c, spec))
+        host, conn.record["peer_port"] = _address(addr)
+        conn.record["peer_address"] = host
+        conn.start(lambda c: _run_inbound(c, spec), peer_of(host or "-"))
 
     return accept
 

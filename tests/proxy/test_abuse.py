@@ -121,3 +121,51 @@ async def test_the_connection_limit_stays_below_the_file_limit(
         async with proxy(cfg, await backend_store(ca)) as running:
             assert running.state.limits.max_connections == (1024 - run.RESERVED_DESCRIPTORS) // 2
     assert "--max-connections 10000 is above what 1024 open files allow" in caplog.text
+
+
+async def test_one_peer_cannot_hold_every_slot_with_unfinished_handshakes(
+    ca: LocalCA, echo: Echo, tmp_path: Path
+) -> None:
+    """Before its handshake a peer is nobody: one address (an IPv6 /64) may have only
+    ``max_handshakes_per_peer`` handshakes in progress; more are closed at once, while
+    other addresses and finished handshakes are not affected."""
+    limits = Limits(handshake_timeout=5, connect_timeout=2, max_handshakes_per_peer=2)
+    cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",), limits=limits)
+    good = identity_files(ca, tmp_path, FRONTEND)
+    async with proxy(cfg, await backend_store(ca)) as running:
+        await running.wait_ready()
+        port = running.ports[LISTEN]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), WAIT) == b"", "a third one was held"
+        writer.close()
+        # Another address (any 127/8 address reaches a loopback listener on Linux).
+        other = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=client_context(good, good.roots),
+            server_hostname="proxy",
+            local_addr=("127.0.0.2", 0),
+        )
+        other[1].write(b"hi")
+        assert await asyncio.wait_for(other[0].readexactly(2), WAIT) == b"hi"
+        for _, w in silent:
+            w.close()
+        lines = await wait_for_log(
+            tmp_path / "access.log",
+            lambda lines: (
+                any(line["decision"] == "deny" for line in lines) and running.state.handshakes == {}
+            ),
+            "the refusal, and the silent ones released",
+        )
+        # Released: the first address may handshake again.
+        again = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(good, good.roots), server_hostname="proxy"
+        )
+        again[1].write(b"hi")
+        assert await asyncio.wait_for(again[0].readexactly(2), WAIT) == b"hi"
+        for _, w in (other, again):
+            w.close()
+    refused = next(line for line in lines if line["decision"] == "deny")
+    assert refused["reason"] == "127.0.0.1 already has 2 TLS handshakes in progress"
+    assert refused["rule"] == "max handshakes per peer"
