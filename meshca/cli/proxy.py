@@ -53,6 +53,15 @@ FILE = click.Path(path_type=Path, dir_okay=False)
     "when the file is moved away.",
 )
 @env_option(
+    "--access-log-refusal-rate",
+    env="PROXY_ACCESS_LOG_REFUSAL_RATE",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="At most this many lines a second (per worker) for refused connections; the "
+    "rest are counted in one line a second (0: no limit).",
+)
+@env_option(
     "--http-listen",
     env="PROXY_HTTP_LISTEN",
     metavar="HOST:PORT",
@@ -129,6 +138,7 @@ def proxy(
     outbound: tuple[str, ...],
     policy: Path | None,
     access_log: str,
+    access_log_refusal_rate: int,
     http_listen: str | None,
     workers: int,
     tls_min_version: str,
@@ -165,6 +175,7 @@ def proxy(
             workload_api_socket=workload_api_socket,
             policy_file=policy,
             access_log=None if access_log == "-" else Path(access_log),
+            access_log_refusal_rate=access_log_refusal_rate,
             http_listen=http_listen,
             workers=workers,
             tls_min_version=tls_min_version,

@@ -30,6 +30,19 @@ Outbound lines name the upstream as the peer (Envoy's ``UPSTREAM_*`` operators) 
 The file is opened for appending, line-buffered; :meth:`AccessLog.reopen` (on SIGHUP,
 or when the path no longer names the open file, as after logrotate moves it) opens the
 path again. ``-`` is standard output.
+
+Every field is written by ``json.dumps`` (ASCII only: control characters, quotes and
+line breaks in what a peer sent are escaped), so a peer cannot end a line or forge
+one.
+
+Refusals are limited: anyone who can reach a port can make connections that are
+refused, each worth a line. Past ``refusal_rate`` such lines a second (per process; 0:
+no limit) the rest are counted, and one line per second says how many were left out::
+
+    {"start_time": ..., "decision": "suppressed", "suppressed": 812,
+     "reason": "812 refused connections not logged (more than 100 a second)"}
+
+Allowed connections and their requests are always logged.
 """
 
 from __future__ import annotations
@@ -38,6 +51,8 @@ import json
 import logging
 import os
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,10 +62,14 @@ log = logging.getLogger(__name__)
 class AccessLog:
     """Writes access-log records; ``path`` None means standard output."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, refusal_rate: int = 0) -> None:
         self.path = path
         self._file: IO[str] = sys.stdout
         self._inode: tuple[int, int] | None = None
+        self.refusal_rate = refusal_rate
+        self._tokens = float(refusal_rate)
+        self._filled = time.monotonic()
+        self.suppressed = 0  # refusals left out since the last summary line
         self.reopen()
 
     def reopen(self) -> None:
@@ -80,6 +99,39 @@ class AccessLog:
             return False
         return True
 
+    def write_refusal(self, record: dict[str, Any]) -> bool:
+        """Write a refused connection's line, unless past the rate: then count it and
+        return False."""
+        if self.refusal_rate > 0:
+            now = time.monotonic()
+            self._tokens = min(
+                float(self.refusal_rate),
+                self._tokens + (now - self._filled) * self.refusal_rate,
+            )
+            self._filled = now
+            if self._tokens < 1:
+                self.suppressed += 1
+                return False
+            self._tokens -= 1
+        self.flush_suppressed()
+        self.write(record)
+        return True
+
+    def flush_suppressed(self) -> None:
+        """The summary line of the refusals left out, if any (called once a second)."""
+        if not self.suppressed:
+            return
+        count, self.suppressed = self.suppressed, 0
+        self.write(
+            {
+                "start_time": datetime.now(UTC).isoformat(),
+                "decision": "suppressed",
+                "suppressed": count,
+                "reason": f"{count} refused connections not logged "
+                f"(more than {self.refusal_rate} a second)",
+            }
+        )
+
     def write(self, record: dict[str, Any]) -> None:
         try:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -89,6 +141,7 @@ class AccessLog:
             log.error("access log: cannot write: %s", exc.strerror)
 
     def close(self) -> None:
+        self.flush_suppressed()
         if self._file is not sys.stdout:
             self._file.close()
         else:

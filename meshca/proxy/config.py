@@ -109,6 +109,7 @@ class ProxyConfig:
     workload_api_socket: Path | None = None
     policy_file: Path | None = None
     access_log: Path | None = None  # None: standard output
+    access_log_refusal_rate: int = 100  # refused-connection lines a second, per process
     http_listen: str | None = None
     workers: int = 1
     tls_min_version: str = "1.3"
@@ -122,6 +123,11 @@ class ProxyConfig:
             )
         if not self.inbound and not self.outbound:
             raise ConfigError("nothing to proxy: give at least one --inbound or --outbound")
+        if self.access_log_refusal_rate < 0:
+            raise ConfigError(
+                f"--access-log-refusal-rate is {self.access_log_refusal_rate}; "
+                "allowed: 0 (no limit) or more"
+            )
         if self.workers < 1:
             raise ConfigError(f"--workers is {self.workers}; allowed: 1 or more")
         listens = [i.listen for i in self.inbound] + [o.listen for o in self.outbound]

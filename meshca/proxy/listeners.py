@@ -383,7 +383,10 @@ class Connection:
         self.state.metrics.connections.labels(self.direction, self.decision).inc()
         self.state.metrics.bytes.labels(self.direction, "received").inc(received)
         self.state.metrics.bytes.labels(self.direction, "sent").inc(sent)
-        self.state.access_log.write(line)
+        if self.decision == "allow":
+            self.state.access_log.write(line)
+        elif not self.state.access_log.write_refusal(line):
+            self.state.metrics.log_suppressed.inc()
 
     def upstream_received(self) -> int:
         return self.upstream.received if self.upstream is not None else 0

@@ -9,6 +9,7 @@ GET /metrics    Prometheus text format:
     meshca_proxy_handshake_failures_total{direction}     failed handshakes and refused SVIDs
     meshca_proxy_requests_total{direction}               HTTP requests (HTTP listeners)
     meshca_proxy_bytes_total{direction,way}              plaintext bytes, received / sent
+    meshca_proxy_access_log_suppressed_total             refusals over the access-log rate
     meshca_proxy_certificate_not_after_timestamp_seconds notAfter of the SVID in use
 
 With several worker processes the counters are summed through prometheus-client's
@@ -60,6 +61,11 @@ class ProxyMetrics:
             "meshca_proxy_bytes",
             "Plaintext bytes relayed, received from or sent to the peer.",
             ["direction", "way"],
+            registry=self.registry,
+        )
+        self.log_suppressed = Counter(
+            "meshca_proxy_access_log_suppressed",
+            "Refused connections left out of the access log (over its refusal rate).",
             registry=self.registry,
         )
         self.not_after = Gauge(

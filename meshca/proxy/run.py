@@ -173,6 +173,7 @@ async def _housekeeping(state: ProxyState) -> None:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         state.policy.check()
         state.access_log.check_rotated()
+        state.access_log.flush_suppressed()
 
 
 async def start_proxy(
@@ -264,7 +265,7 @@ def _fit_file_limit(limits: Limits) -> Limits:
 
 def _open_access_log(config: ProxyConfig) -> AccessLog:
     try:
-        return AccessLog(config.access_log)
+        return AccessLog(config.access_log, config.access_log_refusal_rate)
     except OSError as exc:
         raise ConfigError(
             f"cannot open the access log {config.access_log}: {exc.strerror or exc}"

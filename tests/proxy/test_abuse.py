@@ -31,6 +31,7 @@ from tests.proxy.support import (
     config,
     identity_files,
     proxy,
+    tls_exchange,
     wait_for_log,
 )
 
@@ -169,3 +170,46 @@ async def test_one_peer_cannot_hold_every_slot_with_unfinished_handshakes(
     refused = next(line for line in lines if line["decision"] == "deny")
     assert refused["reason"] == "127.0.0.1 already has 2 TLS handshakes in progress"
     assert refused["rule"] == "max handshakes per peer"
+
+
+async def test_refused_connections_cannot_flood_the_access_log(
+    ca: LocalCA, echo: Echo, tmp_path: Path
+) -> None:
+    """Anyone who can reach the port can make refused connections, each worth a line: past
+    ``access_log_refusal_rate`` lines a second the rest are counted, and one line says how
+    many were left out. Allowed connections are always logged."""
+    cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",), access_log_refusal_rate=5)
+    good = identity_files(ca, tmp_path, FRONTEND)
+    attempts = 40
+    async with proxy(cfg, await backend_store(ca)) as running:
+        await running.wait_ready()
+        port = running.ports[LISTEN]
+        for _ in range(attempts):  # connect and leave without a handshake
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        lines = await wait_for_log(
+            tmp_path / "access.log",
+            lambda lines: (
+                sum(line.get("suppressed", 0) for line in lines)
+                + sum(line["decision"] == "deny" for line in lines)
+                == attempts
+            ),
+            "every refusal logged or counted",
+        )
+        assert await tls_exchange(port, client_context(good, good.roots)) == b"ping"
+        await wait_for_log(
+            tmp_path / "access.log",
+            lambda lines: any(line["decision"] == "allow" for line in lines),
+            "the allowed connection",
+        )
+        metrics = running.state.metrics.exposition().decode()
+    refused = [line for line in lines if line["decision"] == "deny"]
+    summaries = [line for line in lines if line["decision"] == "suppressed"]
+    assert len(refused) < attempts / 2, "the refusals were not limited"
+    assert summaries and all(
+        line["reason"].endswith("refused connections not logged (more than 5 a second)")
+        for line in summaries
+    )
+    suppressed = attempts - len(refused)
+    assert f"meshca_proxy_access_log_suppressed_total {float(suppressed)}" in metrics
+    assert 'meshca_proxy_connections_total{decision="deny",direction="inbound"} 40.0' in metrics
