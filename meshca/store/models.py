@@ -1,4 +1,5 @@
-"""The tables: roots, intermediates, the issuance ledger and its head, used tokens.
+"""The tables: roots, intermediates, the issuance ledger and its head, used tokens, join
+tokens.
 
 These SQLModel classes are the schema as the code sees it; the migrations in
 ``meshca/store/migrations/versions`` are the schema as the database gets it, and the two
@@ -210,3 +211,33 @@ class UsedToken(SQLModel, table=True):
     method: str = Field(sa_column=Column("method", String(64), nullable=False))
     expires_at: datetime = Field(sa_column=_when("expires_at"))
     used_at: datetime = Field(default_factory=utc_now, sa_column=_when("used_at"))
+
+
+class JoinToken(SQLModel, table=True):
+    """A single-use join token an operator created for one SPIFFE ID (SPIRE's join-token
+    attestation, for machines with no platform credential).
+
+    Only the SHA-256 of the token is kept: the token holds at least 128 random bits, so
+    the digest cannot be searched back to it, and a lookup by digest needs no
+    constant-time comparison. ``created_by`` names who ran ``meshca admin join-token
+    create`` (``user@host``); ``used_at``/``used_by`` (the peer address) are set by the
+    one request that spends it, ``revoked_at`` by ``meshca admin join-token revoke``.
+    """
+
+    __tablename__ = "join_tokens"
+    __table_args__ = (Index("ix_join_tokens_expires_at", "expires_at"),)
+
+    token_sha256: str = Field(
+        sa_column=Column("token_sha256", String(HASH_HEX_LENGTH), primary_key=True)
+    )
+    spiffe_id: str = Field(sa_column=_text("spiffe_id"))
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_when("created_at"))
+    expires_at: datetime = Field(sa_column=_when("expires_at"))
+    created_by: str = Field(sa_column=_text("created_by"))
+    used_at: datetime | None = Field(
+        default=None, sa_column=Column("used_at", UTCDateTime(), nullable=True)
+    )
+    used_by: str | None = Field(default=None, sa_column=_text("used_by", nullable=True))
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column("revoked_at", UTCDateTime(), nullable=True)
+    )

@@ -26,7 +26,7 @@ from meshca.authn.gce import GceAuthenticator, token_digest
 from meshca.config import load_settings
 from meshca.server import RunningServer, start_server
 from meshca.store import Store
-from meshca.store.migrate import alembic_config
+from meshca.store.migrate import alembic_config, head_revision
 from meshca.store.models import UsedToken
 from tests.fakes.gce import (
     WEB_ID,
@@ -145,7 +145,7 @@ def test_a_database_at_revision_0001_is_upgraded_keeping_its_ledger(tmp_path: Pa
     old.close()
     store = Store.open(url)
     try:
-        assert store.current_revision() == "0004"
+        assert store.current_revision() == head_revision()
         assert store.verify_ledger().ok and store.counts().issued == 1
         assert store.record_token_use(_digest(1), "gce-iit", LATER) is True
     finally:
