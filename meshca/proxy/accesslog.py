@@ -21,7 +21,7 @@ operators, so one set of tools reads both)::
     bytes_sent       plaintext bytes relayed to the peer              %BYTES_SENT%
     duration_ms      milliseconds from accept to close                %DURATION%
     method           HTTP listeners, per request                      %REQ(:METHOD)%
-    path                                                              %REQ(:PATH)%
+    path             without query or user info      %REQ_WITHOUT_QUERY(:PATH)%
     status                                                            %RESPONSE_CODE%
 
 Outbound lines name the upstream as the peer (Envoy's ``UPSTREAM_*`` operators) and add

@@ -8,8 +8,16 @@ count body bytes, as Envoy's operators of the same name do for HTTP.
 
 Parsing stops (the bytes still flow, and the connection's own line is still written)
 after a protocol upgrade or CONNECT, after a HEAD request (a response to HEAD cannot be
-told from its headers alone), or on a parse error; the connection line then says why in
+told from its headers alone), on a parse error, or when more than
+:data:`MAX_PENDING_REQUESTS` requests await their response (a peer pipelining to an
+application that reads faster than it answers); the connection line then says why in
 ``http_note``.
+
+``path`` is the request target without its query string, and without the user info of
+an absolute URL: either may carry a credential (an API key, an access token, a
+password), and the log must never hold one (RFC 9110 section 4.2.4 advises against
+logging user info). It is cut at :data:`MAX_LOGGED_PATH` characters, with
+``path_truncated: true``; only that much of a target is ever kept.
 """
 
 from __future__ import annotations
@@ -23,14 +31,28 @@ from typing import Any
 
 import httptools
 
+MAX_LOGGED_PATH = 2048  # characters of a request target kept for the log
+MAX_PENDING_REQUESTS = 1000  # requests awaiting their response, per connection
+
 
 @dataclass(slots=True)
 class _Request:
     start_time: str
     started: float
     method: str = ""
-    path: str = ""
+    target: str = ""  # at most MAX_LOGGED_PATH + 1 characters
     body: int = 0
+
+
+def loggable_path(target: str) -> str:
+    """``target`` without its query (and fragment), and without the user info of an
+    absolute URL (``http://user:password@host/p`` -> ``http://host/p``)."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = path.partition("://")
+    if not sep or "/" in scheme:
+        return path
+    authority, slash, tail = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 class HttpExchange:
@@ -79,8 +101,10 @@ class HttpExchange:
         self._current = _Request(datetime.now(UTC).isoformat(), time.monotonic())
 
     def on_url(self, url: bytes) -> None:
-        if self._current is not None:
-            self._current.path += url.decode("latin-1")
+        current = self._current
+        if current is not None and len(current.target) <= MAX_LOGGED_PATH:
+            room = MAX_LOGGED_PATH + 1 - len(current.target)
+            current.target += url[:room].decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self._current is not None:
@@ -96,6 +120,12 @@ class HttpExchange:
         if self._current is not None:
             self._pending.append(self._current)
             self._current = None
+            if len(self._pending) > MAX_PENDING_REQUESTS:
+                self._pending.clear()
+                self.stop(
+                    f"more than {MAX_PENDING_REQUESTS} requests awaiting a response: "
+                    "per-request lines stop"
+                )
 
     # response side
     def response_body(self, size: int) -> None:
@@ -110,17 +140,18 @@ class HttpExchange:
             return
         req = self._pending.popleft()
         self.requests += 1
-        self._emit(
-            {
-                "start_time": req.start_time,
-                "method": req.method,
-                "path": req.path,
-                "status": status,
-                "bytes_received": req.body,
-                "bytes_sent": body,
-                "duration_ms": round((time.monotonic() - req.started) * 1000, 3),
-            }
-        )
+        line: dict[str, Any] = {
+            "start_time": req.start_time,
+            "method": req.method,
+            "path": loggable_path(req.target[:MAX_LOGGED_PATH]),
+            "status": status,
+            "bytes_received": req.body,
+            "bytes_sent": body,
+            "duration_ms": round((time.monotonic() - req.started) * 1000, 3),
+        }
+        if len(req.target) > MAX_LOGGED_PATH:
+            line["path_truncated"] = True
+        self._emit(line)
 
 
 class _ResponseSide:
