@@ -77,6 +77,16 @@ def test_default_deny_once_a_policy_exists() -> None:
         ("listeners: {a: {permit: []}}", "must be a mapping of 'allow' and 'deny' lists"),
         ("listeners: {a: {allow: ['spiffe://*/x']}}", "is not a SPIFFE ID pattern"),
         ("listeners: {a: {deny: ['spiffe://td/ns/pay*']}}", "path segment 'pay*'"),
+        ("listeners: {a: {allow: ['spiffe://td']}}", "has no path, so it matches no workload"),
+        ("listeners: {a: {allow: ['spiffe://td/*/']}}", "empty segment or a trailing '/'"),
+        ("listeners: {a: {allow: ['spiffe://td/a%2Fb']}}", "path segment 'a%2Fb'"),
+        ("listeners: {a: {allow: ['spiffe://TD/a']}}", "trust domain 'TD' has characters"),
+        ("listeners: {a: {allow: ['spiffe://td/a?x=1']}}", "may not have a query"),
+        (
+            "listeners:\n  a: {deny: ['spiffe://td/x']}\n  a: {allow: ['spiffe://td/*']}\n",
+            "'a' appears twice (lines 2 and 3)",
+        ),
+        ("listeners: {a: {deny: ['spiffe://td/x'], deny: []}}", "'deny' appears twice"),
     ],
 )
 def test_bad_policy_files_say_what_is_wrong(text: str, message: str) -> None:
@@ -107,8 +117,48 @@ def test_a_broken_edit_keeps_the_previous_policy(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(json.dumps({"listeners": {LISTEN: {"allow": [PAYMENTS]}}}))
     held = PolicyFile(path)
-    path.write_text("listeners: [")
-    assert held.check() is False
+    for broken in ("listeners: [", "", "listeners: {x: {allow: [spiffe://td/a/]}}"):
+        path.write_text(broken)
+        assert held.check() is False
+        assert held.decide(LISTEN, sid("spiffe://td/ns/payments/sa/api")).allowed
+
+
+def test_an_edit_with_the_same_size_and_time_is_seen(tmp_path: Path) -> None:
+    """File systems stamp times in ticks of a few milliseconds: two writes of the same
+    size within one tick leave size, time and inode unchanged. The content decides."""
+    import os
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps({"listeners": {LISTEN: {"allow": ["spiffe://td/ns/aa"]}}}))
+    held = PolicyFile(path)
+    before = os.stat(path)
+    path.write_text(json.dumps({"listeners": {LISTEN: {"allow": ["spiffe://td/ns/bb"]}}}))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size
+    assert held.check() is True
+    assert not held.decide(LISTEN, sid("spiffe://td/ns/aa")).allowed
+
+
+def test_a_removed_or_unreadable_policy_keeps_the_last_one_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import os
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps({"listeners": {LISTEN: {"allow": [PAYMENTS]}}}))
+    held = PolicyFile(path)
+    path.unlink()
+    with caplog.at_level(logging.ERROR, logger="meshca.proxy.policy"):
+        for _ in range(3):  # the proxy checks once a second
+            assert held.check() is False
+    assert held.decide(LISTEN, sid("spiffe://td/ns/payments/sa/api")).allowed
+    (record,) = caplog.records
+    assert "keeping the policy read last" in record.getMessage()
+    os.mkfifo(path)  # opening a FIFO to read would block the proxy until a writer came
+    with caplog.at_level(logging.ERROR, logger="meshca.proxy.policy"):
+        assert held.check() is False
+    assert "is not a regular file" in caplog.records[-1].getMessage()
     assert held.decide(LISTEN, sid("spiffe://td/ns/payments/sa/api")).allowed
 
 
