@@ -38,6 +38,7 @@ from meshca.api.http_guard import (
 from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.gce import GceAuthenticator, TokenLedger
+from meshca.authn.issuers import Issuer, IssuerWatch
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, process_owner, utcnow
@@ -113,6 +114,7 @@ class RunningServer:
     http_port: int
     server_cert: ServerCertificate | None
     metrics: CAMetrics
+    issuer_watch: IssuerWatch = field(default_factory=lambda: IssuerWatch(()))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def status_line(self) -> str:
@@ -197,6 +199,7 @@ class RunningServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.issuer_watch.stop()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.authenticator.close()
@@ -348,12 +351,21 @@ async def _start(
         row = await asyncio.to_thread(store.issued_certificate, f"{leaf.serial_number:x}", pem)
         return row is not None
 
+    token_authenticator = build_token_authenticator(settings)
+    gce_authenticator = build_gce_authenticator(settings, store)
     authenticator = CallerAuthenticator(
-        build_token_authenticator(settings),
+        token_authenticator,
         SvidAuthenticator(authority.trust_domain, authority.trust_bundle, issued_before),
-        gce=build_gce_authenticator(settings, store),
+        gce=gce_authenticator,
     )
     undo.push_async_callback(authenticator.close)
+    issuers: list[Issuer] = []
+    for part in (token_authenticator, gce_authenticator):
+        if isinstance(part, KubernetesAuthenticator | GceAuthenticator):
+            issuers.extend(part.issuers)
+    issuer_watch = IssuerWatch(issuers)
+    issuer_watch.start()
+    undo.push_async_callback(issuer_watch.stop)
     grpc_server = aio.server(
         options=server_options(
             handshake_timeout=settings.grpc_handshake_timeout,
@@ -422,6 +434,7 @@ async def _start(
     checks: dict[str, Callable[[], Awaitable[None]]] = {
         "signer": check_signer,
         "database": check_database,
+        "issuers": issuer_watch.check,
     }
     guard = ConnectionGuard(
         HttpLimits.resolve(
@@ -451,6 +464,7 @@ async def _start(
         http_port=runner.addresses[0][1],
         server_cert=server_cert,
         metrics=metrics,
+        issuer_watch=issuer_watch,
     )
     running._tasks.append(asyncio.create_task(running._maintain()))
     return running

@@ -116,6 +116,18 @@ class GoogleKeys:
         self._fresh_until = 0.0
         self._attempted_at: float | None = None
         self.fetches = 0
+        self.answered = False
+        """Whether Google's key endpoint has ever given usable keys."""
+
+    @property
+    def issuer(self) -> str:
+        """What is fetched, for logs and readiness."""
+        return f"GCE (Google's signing keys at {self.url})"
+
+    async def probe(self) -> None:
+        """Fetch the keys now; AuthenticationError ``google_keys_unavailable`` says why not."""
+        async with self._lock:
+            await self._fetch()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -198,6 +210,7 @@ class GoogleKeys:
                 f"{self.url} sent more than {MAX_KEYS_DOCUMENT_BYTES} bytes",
             )
         self._keys = _rs256_keys(raw, self.url)
+        self.answered = True
         ttl = keys_ttl(headers, datetime.now(UTC))
         self._fresh_until = time.monotonic() + ttl
         _log.info(

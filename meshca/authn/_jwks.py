@@ -177,6 +177,20 @@ class JwksVerifier:
         self._attempted_at: float | None = None
         self._jwks_uri: str | None = cluster.jwks_url
         self.cache = VerifiedTokenCache()
+        self.answered = False
+        """Whether the issuer (or the JWKS file) has ever given usable keys."""
+
+    @property
+    def issuer(self) -> str:
+        """What this verifier asks for keys, for logs and readiness."""
+        where = self._cluster.jwks_file or self._cluster.jwks_url or self._cluster.issuer
+        return f"cluster {self._cluster.cluster_id!r} (JWKS of {where})"
+
+    async def probe(self) -> None:
+        """Fetch the keys now; AuthenticationError ``jwks_unavailable`` says why not."""
+        async with self._lock:
+            await self._refresh()
+            self._fetched_at = time.monotonic()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -302,6 +316,7 @@ class JwksVerifier:
             document = await self._get_json(uri)
             source = uri
         self._keys = _usable_keys(document, source)
+        self.answered = True
         _log.info("loaded %d signing key(s) from %s", len(self._keys), source)
 
     async def _discover(self) -> str:

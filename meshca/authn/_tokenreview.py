@@ -42,6 +42,8 @@ SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 _MAX_ERROR_TEXT = 200
+PROBE_TOKEN = "meshca-readiness-probe"
+"""Not a JWT: no API server can authenticate it."""
 
 
 def _refusal(reason: str, message: str) -> AuthenticationError:
@@ -77,6 +79,19 @@ class TokenReviewer:
         self._session: aiohttp.ClientSession | None = None
         self._url = cluster.api_server + TOKENREVIEW_PATH
         self.cache = VerifiedTokenCache(cache_size)
+        self.answered = False
+        """Whether the API server has ever answered a TokenReview."""
+
+    @property
+    def issuer(self) -> str:
+        """What this reviewer asks, for logs and readiness."""
+        return f"cluster {self._cluster.cluster_id!r} (TokenReview at {self._cluster.api_server})"
+
+    async def probe(self) -> None:
+        """Have the API server review a placeholder token (it answers ``authenticated:
+        false``): proves it is reachable and takes meshca's credentials and RBAC.
+        AuthenticationError ``tokenreview_unavailable`` says why not."""
+        await self._review(PROBE_TOKEN)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -148,6 +163,7 @@ class TokenReviewer:
         status = json_object(document.get("status")) if document is not None else None
         if status is None:
             raise self._unavailable("the answer is not a TokenReview with a status")
+        self.answered = True
         return status
 
     def _judge(self, status: dict[str, object], token: str) -> ServiceAccountIdentity:

@@ -196,6 +196,11 @@ class GceAuthenticator:
     def audience(self) -> str:
         return self._config.audience
 
+    @property
+    def issuers(self) -> tuple[GoogleKeys]:
+        """Google's key endpoint, as :mod:`meshca.authn.issuers` watches it."""
+        return (self.keys,)
+
     async def close(self) -> None:
         await self.keys.close()
 

@@ -33,6 +33,7 @@ from typing import Protocol
 from meshca.authn._jwks import JwksVerifier, ServiceAccountIdentity
 from meshca.authn._tokenreview import TokenReviewer
 from meshca.authn.base import Attestation, AuthMethod, Credential, Peer
+from meshca.authn.issuers import Issuer
 from meshca.config import JwtCluster, TokenReviewCluster
 from meshca.errors import AuthenticationError, ConfigError, SpiffeIdError
 from meshca.spiffe import TrustDomain
@@ -63,6 +64,14 @@ class _Validator(Protocol):
     async def verify(self, token: str) -> ServiceAccountIdentity: ...
 
     async def close(self) -> None: ...
+
+    @property
+    def issuer(self) -> str: ...
+
+    @property
+    def answered(self) -> bool: ...
+
+    async def probe(self) -> None: ...
 
 
 def _client_ssl_context(ca_file: Path | None, cluster_id: str) -> ssl.SSLContext | None:
@@ -123,6 +132,11 @@ class KubernetesAuthenticator:
     @property
     def cluster_ids(self) -> tuple[str, ...]:
         return tuple(self._validators)
+
+    @property
+    def issuers(self) -> tuple[Issuer, ...]:
+        """Each cluster's token validator, as :mod:`meshca.authn.issuers` watches it."""
+        return tuple(self._validators.values())
 
     async def close(self) -> None:
         """Close every cluster's HTTP session. Safe to call more than once."""
