@@ -211,3 +211,25 @@ async def test_outbound_to_a_remote_that_is_down_closes_the_app_cleanly(
     assert line["direction"] == "outbound" and line["decision"] == "error"
     assert line["reason"] == f"upstream 127.0.0.1:{dead_port}: Connection refused"
     assert line["app_address"] == "127.0.0.1" and line["bytes_sent"] == 0
+
+
+async def test_outbound_refuses_the_expected_id_under_a_root_outside_the_bundle(
+    ca: LocalCA, echo: Echo, tmp_path: Path
+) -> None:
+    """A server that presents exactly the expected SPIFFE ID, issued by a CA whose root
+    is not in our bundle (another deployment naming itself cluster.local), is refused by
+    the chain check before a byte of the application is sent."""
+    rogue = LocalCA()  # same trust domain name, another root
+    impostor_cfg = config(tmp_path, inbound=(f"{LISTEN}=127.0.0.1:{echo.port}",), log_name="x.log")
+    async with proxy(impostor_cfg, await store_for(rogue, BACKEND)) as impostor:
+        await impostor.wait_ready()
+        target = f"127.0.0.1:{impostor.ports[LISTEN]}"
+        front_cfg = config(tmp_path, outbound=(f"{LISTEN}={target},{BACKEND}",), log_name="f.log")
+        async with proxy(front_cfg, await store_for(ca, FRONTEND)) as front:
+            await front.wait_ready()
+            assert await plain_exchange(front.ports[LISTEN], b"card 4111") == b""
+            (line,) = await wait_for_log(tmp_path / "f.log", lambda lines: len(lines) == 1, "1")
+    assert line["decision"] == "deny"
+    assert line["reason"] == "certificate verify failed: unable to get local issuer certificate"
+    assert line["peer_spiffe_id"] is None and line["bytes_received"] == 0
+    assert echo.accepted == 0, "no byte of the application may reach the impostor"
