@@ -41,7 +41,7 @@ from meshca.authn.gce import GceAuthenticator, TokenLedger
 from meshca.authn.issuers import Issuer, IssuerWatch
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
-from meshca.ca.authority import Authority, IntermediateSettings, process_owner, utcnow
+from meshca.ca.authority import Authority, IntermediateSettings, utcnow
 from meshca.ca.issuing_keys import HsmKeys, MemoryKeys
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root, open_root_signer
@@ -178,7 +178,10 @@ class RunningServer:
             return
         try:
             await asyncio.to_thread(
-                self.store.heartbeat_intermediate, process_owner(), current.fingerprint, utcnow()
+                self.store.heartbeat_intermediate,
+                self.authority.owner,
+                current.fingerprint,
+                utcnow(),
             )
         except StoreError as exc:
             log.warning("could not record the intermediate as in use: %s", exc)
@@ -205,7 +208,7 @@ class RunningServer:
         await self.authenticator.close()
         await self.authority.close()
         try:
-            await asyncio.to_thread(self.store.retire_intermediates, process_owner(), utcnow())
+            await asyncio.to_thread(self.store.retire_intermediates, self.authority.owner, utcnow())
         except StoreError as exc:
             log.warning("could not record this process's intermediates as retired: %s", exc)
         await asyncio.to_thread(close_signer, self.signer)

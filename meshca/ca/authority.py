@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -111,6 +112,17 @@ def process_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_authorities_in_process = itertools.count(1)
+
+
+def new_owner() -> str:
+    """The owner name of a new :class:`Authority`: ``hostname:pid``, and ``#n`` for the
+    n-th one in the same process (two CAs in one process, as tests run them, must not
+    retire each other's intermediates as their own)."""
+    n = next(_authorities_in_process)
+    return process_owner() if n == 1 else f"{process_owner()}#{n}"
+
+
 class Authority:
     """Issues X509-SVIDs under one trust domain. Safe to share across coroutines."""
 
@@ -128,6 +140,8 @@ class Authority:
     ) -> None:
         self.trust_domain = trust_domain
         self.policy = policy
+        self.owner = new_owner()
+        """Names this CA's intermediates in the store (``hostname:pid``)."""
         self._root_signer = root_signer
         self._root = root
         self._root_cert = x509.load_pem_x509_certificate(root.certificate_pem.encode())
@@ -359,7 +373,7 @@ class Authority:
             certificate_pem=pem(cert),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            owner=process_owner(),
+            owner=self.owner,
             created_at=now,
         )
         await asyncio.to_thread(self._store.add_intermediate, record)
@@ -482,7 +496,7 @@ class Authority:
             spiffe_id=spiffe_id,
             lifetime=lifetime,
             auth_method="ca-internal",
-            evidence=f"process:{process_owner()}",
+            evidence=f"process:{self.owner}",
             peer_address="local",
             request_id=None,
             csr_digest=None,

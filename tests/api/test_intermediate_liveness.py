@@ -49,3 +49,31 @@ async def test_status_follows_the_servers_intermediate_from_start_to_stop(
         await server.stop(grace=0)
     (stopped,) = status(state_dir)["intermediates"]
     assert stopped["state"] == "retired" and stopped["retired_at"] is not None
+
+
+async def test_two_cas_in_one_process_keep_their_own_intermediates(tmp_path: Path) -> None:
+    """Each CA heartbeats its intermediate and retires the others of its owner: two in
+    one process (as tests run replicas) must not take each other's for their own."""
+    state_dir = tmp_path / "state"
+    settings = load_settings(
+        state_dir=state_dir,
+        grpc_listen="127.0.0.1:0",
+        grpc_mtls_listen="off",
+        http_listen="127.0.0.1:0",
+    )
+    first = await start_server(settings)
+    try:
+        second = await start_server(settings)
+        try:
+            assert first.authority.owner != second.authority.owner
+            await first.maintain_once()
+            await second.maintain_once()
+            states = {i["owner"]: i["state"] for i in status(state_dir)["intermediates"]}
+            assert states == {first.authority.owner: "in-use", second.authority.owner: "in-use"}
+        finally:
+            await second.stop(grace=0)
+        states = {i["owner"]: i["state"] for i in status(state_dir)["intermediates"]}
+        assert states[first.authority.owner] == "in-use"
+        assert states[second.authority.owner] == "retired"
+    finally:
+        await first.stop(grace=0)
