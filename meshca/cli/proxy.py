@@ -33,7 +33,7 @@ FILE = click.Path(path_type=Path, dir_okay=False)
     env="PROXY_OUTBOUND",
     multiple=True,
     metavar="LISTEN=REMOTE_ADDR,SPIFFE_ID[,...][,http]",
-    help="Accept plain TCP on LISTEN (keep it on loopback) and open mTLS to REMOTE_ADDR, "
+    help="Accept plain TCP on LISTEN (a loopback address) and open mTLS to REMOTE_ADDR, "
     "whose SPIFFE ID must be one of those given ('*' = one path segment) (repeatable).",
 )
 @env_option(

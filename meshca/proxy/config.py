@@ -5,11 +5,13 @@
 
 Addresses are HOST:PORT (IPv6 in brackets). ``http`` declares the traffic HTTP/1.1, which
 adds one access-log line per request. An expected SPIFFE ID may use ``*`` for one path
-segment, like the policy file.
+segment, like the policy file. An outbound LISTEN must be a loopback address: whatever
+reaches it calls out, unauthenticated, with the workload's identity.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,13 +76,28 @@ class Outbound:
                 f"--outbound {text!r} must be LISTEN=REMOTE_ADDR,EXPECTED_SPIFFE_ID[,...][,http], "
                 "e.g. 127.0.0.1:9001=10.0.0.7:8443,spiffe://cluster.local/ns/default/sa/api"
             )
-        split_host_port(listen, "--outbound listen address")
+        host, _ = split_host_port(listen, "--outbound listen address")
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"--outbound listen address {listen.strip()!r} is not a loopback address: "
+                "anything that reaches it could make calls with this workload's identity; "
+                "listen on 127.0.0.1 or [::1] (the application connects there)"
+            )
         remote = split_host_port(parts[0], "--outbound remote address")
         try:
             expected = tuple(IdPattern.parse(p) for p in parts[1:])
         except ConfigError as exc:
             raise ConfigError(f"--outbound {text!r}: {exc.message}") from None
         return cls(listen.strip(), remote, expected, http)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
 
 
 @dataclass(frozen=True, slots=True)

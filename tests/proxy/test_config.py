@@ -113,3 +113,16 @@ def test_agent_settings_turn_on_the_in_process_proxy(tmp_path: Path) -> None:
     assert load_agent_settings(**base).proxy_config is None
     with pytest.raises(ConfigError, match=re.escape("--inbound '127.0.0.1:8443' must be LISTEN=")):
         load_agent_settings(**base, inbound=("127.0.0.1:8443",))
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9001", "10.0.0.5:9001", "[::]:9001", "app:9001"])
+def test_an_outbound_listener_off_loopback_is_refused(listen: str) -> None:
+    """Whatever reaches an outbound listener calls out with the workload's identity."""
+    with pytest.raises(ConfigError, match="is not a loopback address") as info:
+        Outbound.parse(f"{listen}=10.0.0.7:8443,spiffe://td/ns/a/sa/b")
+    assert "with this workload's identity" in info.value.message
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9001", "127.0.0.2:0", "[::1]:9001", "localhost:1"])
+def test_an_outbound_listener_on_loopback_is_accepted(listen: str) -> None:
+    assert Outbound.parse(f"{listen}=10.0.0.7:8443,spiffe://td/ns/a/sa/b").listen == listen
