@@ -31,6 +31,7 @@ from pathlib import Path
 
 from grpc import aio
 
+from meshca.agent._dirs import ensure_directory, socket_directory_mode
 from meshca.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,12 @@ class PrivateUnixSocket:
         self._inode: tuple[int, int] | None = None
 
     def check(self) -> None:
-        """Refuse to start unless the directory exists and the path is free or stale."""
+        """Create the directory if missing; refuse to start unless the path is free or
+        stale."""
         directory = self.path.parent
+        ensure_directory(directory, socket_directory_mode(self.mode), self.label)
         if not directory.is_dir():
-            raise ConfigError(
-                f"{self.label} directory {directory} does not exist; create it (the "
-                "operator chooses who may reach it)"
-            )
+            raise ConfigError(f"{self.label} directory {directory} is not a directory")
         try:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:

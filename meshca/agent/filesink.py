@@ -36,10 +36,11 @@ proxy reloading on the sink's command reads one consistent set; a program that p
 files should read the key, the chain, then the key again and retry if the key changed,
 or resolve ``.meshca-current`` once and read everything through that directory.
 
-The directory must exist and be writable by its owner only: anyone who could write to
-it could swap in a certificate and key of their own. Reload failures and write failures
-are logged (with the command's exit code and output, never key material), counted in
-:attr:`FileSink.stats`, and tried again on the next version; they never stop the agent.
+The directory is created (mode 0755) when missing; it must be writable by its owner
+only: anyone who could write to it could swap in a certificate and key of their own.
+Reload failures and write failures are logged (with the command's exit code and output,
+never key material), counted in :attr:`FileSink.stats`, and tried again on the next
+version; they never stop the agent.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshca.agent._dirs import OUTPUT_DIR_MODE, ensure_directory
 from meshca.agent.credentials import CredentialStore, X509Credentials
 from meshca.errors import ConfigError
 
@@ -343,6 +345,7 @@ class FileSink:
 
     def _check_directory(self) -> None:
         path = self._directory
+        ensure_directory(path, OUTPUT_DIR_MODE, "file sink")
         try:
             st = os.stat(path)
         except FileNotFoundError:

@@ -444,9 +444,28 @@ async def test_refuses_a_directory_others_can_write(
     assert message in str(info.value)
 
 
-async def test_refuses_a_missing_directory(tmp_path: Path, start: Callable[..., FileSink]) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
-        await start(tmp_path / "nope").start(CredentialStore())
+async def test_a_missing_directory_is_created_0755_whatever_the_umask(
+    tmp_path: Path, start: Callable[..., FileSink]
+) -> None:
+    out = tmp_path / "made" / "certs"
+    previous = os.umask(0o002)  # would leave it group-writable, which the sink refuses
+    try:
+        sink = start(out)
+        await sink.start(CredentialStore())
+    finally:
+        os.umask(previous)
+    await sink.stop()
+    for made in (out, out.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o755
+
+
+async def test_a_directory_that_cannot_be_made_is_named(
+    tmp_path: Path, start: Callable[..., FileSink]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=f"cannot create the file sink directory {blocker}/out"):
+        await start(blocker / "out").start(CredentialStore())
 
 
 @pytest.mark.parametrize(

@@ -428,8 +428,16 @@ async def test_bad_paths_and_owners_are_refused(sock_dir: Path, store: Credentia
     with pytest.raises(ConfigError, match="is not a socket"):
         await SdsServer(regular).start(store)
     assert regular.read_text() == "keep me"
-    with pytest.raises(ConfigError, match="does not exist"):
-        await SdsServer(sock_dir / "missing" / "sds.sock").start(store)
+    made = SdsServer(sock_dir / "missing" / "sds.sock")
+    await made.start(store)  # the directory is created, closed to others
+    await made.stop()
+    assert stat.S_IMODE((sock_dir / "missing").stat().st_mode) == 0o700
+    shared = SdsServer(sock_dir / "shared" / "sds.sock", socket_mode=0o660)
+    await shared.start(store)  # reachable by name for the socket's group, not listable
+    await shared.stop()
+    assert stat.S_IMODE((sock_dir / "shared").stat().st_mode) == 0o711
+    for made_dir in ("missing", "shared"):  # the socket went; the directory stays
+        (sock_dir / made_dir).rmdir()
     with pytest.raises(ConfigError, match="not a known user"):
         SdsServer(sock_dir / "sds.sock", owner="meshca-no-such-user")
     with pytest.raises(ConfigError, match="not a known group"):
