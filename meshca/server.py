@@ -39,6 +39,7 @@ from meshca.api.tls import ServerCertificate
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.authn.gce import GceAuthenticator, TokenLedger
 from meshca.authn.issuers import Issuer, IssuerWatch
+from meshca.authn.join_token import JoinTokenAuthenticator
 from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, utcnow
@@ -360,6 +361,7 @@ async def _start(
         token_authenticator,
         SvidAuthenticator(authority.trust_domain, authority.trust_bundle, issued_before),
         gce=gce_authenticator,
+        join=JoinTokenAuthenticator(authority.trust_domain, store),
     )
     undo.push_async_callback(authenticator.close)
     issuers: list[Issuer] = []

@@ -28,6 +28,10 @@ How the agent proves who it is (``credential``):
   (``gce_metadata_url``) before every request, for audience ``gce_audience`` (default
   ``spiffe://<trust_domain>``, the CA's default). With ``mtls_address`` set, renewals
   use the SVID as for ``k8s``.
+- ``join-token``: a single-use join token (``meshca admin join-token create``) in
+  ``token_file``, spent on the first certificate; every renewal uses the SVID on
+  ``mtls_address`` (required). With ``output_dir`` set, a restarted agent starts from
+  the unexpired SVID it wrote there, as the token is spent.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class AgentSettings(FileSettings):
     cluster_id: str | None = None
     """Sent as the ``clusterid`` header: picks the CA's token validator for this cluster."""
     trust_domain: str = "cluster.local"
-    credential: Literal["k8s", "gce", "svid"] = "k8s"
+    credential: Literal["k8s", "gce", "join-token", "svid"] = "k8s"
     token_file: Path = DEFAULT_TOKEN_FILE
     svid_cert_file: Path | None = None
     svid_key_file: Path | None = None
@@ -333,6 +337,17 @@ class AgentSettings(FileSettings):
                 )
         elif any(svid_files):
             raise ValueError("svid_cert_file and svid_key_file are for credential 'svid' only")
+        if self.credential == "join-token":
+            if self.mtls_address is None:
+                raise ValueError(
+                    "credential 'join-token' spends the token on the first certificate and "
+                    "renews with the SVID on the CA's mTLS port: set mtls_address"
+                )
+            if self.token_file == DEFAULT_TOKEN_FILE:
+                raise ValueError(
+                    "credential 'join-token' reads the token from token_file: set it to the "
+                    "file holding the output of `meshca admin join-token create`"
+                )
 
     def _check_delivery(self) -> None:
         try:

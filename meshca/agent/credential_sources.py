@@ -10,6 +10,8 @@ expires, and a GCE identity token lives one hour.
 - :class:`GceIdentityToken`: the instance identity token of a GCE VM, fetched through an
   :class:`IdentityTokenFetcher` (:class:`GceMetadataServer`, the VM's metadata server)
   before every request: the CA accepts each token once.
+- :class:`JoinTokenFile`: a single-use join token, read from its file; the CA accepts
+  it once, and the rotation engine renews with the SVID from then on.
 - :class:`NoToken`: for SVID-only agents, which authenticate with their certificate.
 
 Tokens are never logged; errors name the file or the source, never the content.
@@ -152,6 +154,8 @@ DEFAULT_GCE_METADATA_URL = "http://metadata.google.internal"
 """The GCE metadata server (also reachable as http://169.254.169.254)."""
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
 _JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_JOIN_TOKEN = re.compile(r"meshca-join\.[A-Za-z0-9_-]{43}")
+JOIN_TOKEN_MAX_BYTES = 1024
 _TAG = re.compile(r"<[^>]*>")
 
 
@@ -268,6 +272,44 @@ def _checked_token(body: bytes, source: str) -> str:
     return text
 
 
+class JoinTokenFile:
+    """A join token (``meshca admin join-token create``) read from ``path``: what the
+    agent's first request carries. The token is checked for its shape, never shown."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def description(self) -> str:
+        return f"join token {self.path}"
+
+    async def token(self) -> str:
+        return await asyncio.to_thread(self._read)
+
+    def _read(self) -> str:
+        try:
+            with self.path.open("rb") as handle:
+                raw = handle.read(JOIN_TOKEN_MAX_BYTES + 1)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.ENOENT:
+                why = (
+                    "it does not exist (write the output of `meshca admin join-token create` there)"
+                )
+            raise CredentialError(
+                f"cannot read the join token file {self.path}: {why}", reason="token_unreadable"
+            ) from None
+        text = raw.decode("ascii", errors="replace").strip()
+        if not _JOIN_TOKEN.fullmatch(text):
+            raise CredentialError(
+                f"the join token file {self.path} does not hold a join token (one line: "
+                "meshca-join. and 43 base64url characters, as `meshca admin join-token "
+                "create` prints it)",
+                reason="token_invalid",
+            )
+        return text
+
+
 class NoToken:
     """No bearer token: the agent authenticates with its SVID on the mTLS port."""
 
@@ -293,8 +335,10 @@ def credential_source(
         return ProjectedTokenFile(token_file)
     if kind == "svid":
         return NoToken()
+    if kind == "join-token":
+        return JoinTokenFile(token_file)
     if kind == "gce":
         if not gce_audience:
             raise ConfigError("credential 'gce' needs an audience (gce_audience)")
         return GceIdentityToken(GceMetadataServer(gce_metadata_url, timeout=timeout), gce_audience)
-    raise ConfigError(f"unknown credential {kind!r}; allowed: k8s, gce, svid")
+    raise ConfigError(f"unknown credential {kind!r}; allowed: k8s, gce, join-token, svid")

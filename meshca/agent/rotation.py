@@ -46,6 +46,9 @@ from meshca.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 
+SVID_ONLY_RENEWAL = frozenset({"svid", "join-token"})
+"""Credentials that cannot be presented again once the agent holds an SVID."""
+
 AgentFailure = CAError | CredentialError | TrustError
 """What one attempt to get a certificate may raise (anything else is a bug)."""
 
@@ -132,7 +135,9 @@ class RotationEngine:
 
     ``credential`` is ``k8s``/``gce`` (a token source in the client; renewals use the
     SVID on the mTLS port when the client has one, falling back to the token when the
-    CA refuses it) or ``svid`` (the SVID only, starting from ``bootstrap``).
+    CA refuses it), ``join-token`` (the token for the first certificate only, unless
+    ``bootstrap`` holds an SVID from an earlier run; then only the SVID, as the token is
+    spent) or ``svid`` (the SVID only, starting from ``bootstrap``).
     """
 
     def __init__(
@@ -261,7 +266,7 @@ class RotationEngine:
                 csr, key.public_key(), ttl=self.ttl, expected=self.spiffe_id, svid=svid
             )
         except CAError as exc:
-            if svid is None or exc.retryable or self.credential == "svid":
+            if svid is None or exc.retryable or self.credential in SVID_ONLY_RENEWAL:
                 raise
             log.warning("renewal with the SVID was refused, asking with the token: %s", exc)
             self.metrics.failures.labels(exc.reason).inc()
@@ -277,9 +282,16 @@ class RotationEngine:
         now = _now()
         if current is not None and current.not_after > now:
             return current
-        if self.credential != "svid":
+        if self.credential not in SVID_ONLY_RENEWAL or current is None:
             return None
-        assert current is not None
+        if self.credential == "join-token":
+            raise CAError(
+                f"the agent's SVID expired at {current.not_after.isoformat()} and its join "
+                "token was spent on the first certificate: create a new one (`meshca admin "
+                "join-token create`), write it to token_file and restart the agent",
+                reason="svid_expired",
+                retryable=False,
+            )
         raise CAError(
             f"the agent's SVID expired at {current.not_after.isoformat()} and credential "
             "'svid' has nothing else to renew with: provide a new SVID (svid_cert_file, "

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshca.agent.client import CAClient
 from meshca.agent.config import AgentSettings
-from meshca.agent.credential_sources import ProjectedTokenFile, credential_source
+from meshca.agent.credential_sources import (
+    JoinTokenFile,
+    ProjectedTokenFile,
+    credential_source,
+)
 from meshca.agent.credentials import CredentialSink, CredentialStore, X509Credentials
 from meshca.agent.metrics import AgentMetrics, start_http
 from meshca.agent.rotation import Backoff, RenewalSchedule, RotationEngine
@@ -158,6 +163,35 @@ def load_svid(cert_file: Path, key_file: Path, settings: AgentSettings) -> X509C
     return X509Credentials(spiffe_id, key, chain, ())
 
 
+def earlier_svid(settings: AgentSettings) -> X509Credentials | None:
+    """The unexpired SVID a join-token agent wrote to ``output_dir`` on an earlier run,
+    to renew with after a restart (its token is spent); None when there is none."""
+    if settings.output_dir is None:
+        return None
+    cert, key = settings.output_dir / "cert-chain.pem", settings.output_dir / "key.pem"
+    if not cert.exists() or not key.exists():
+        return None
+    try:
+        svid = load_svid(cert, key, settings)
+    except ConfigError as exc:
+        log.warning("not renewing with the SVID in %s: %s", settings.output_dir, exc)
+        return None
+    if svid.not_after <= datetime.now(UTC):
+        log.warning(
+            "the SVID in %s expired at %s; asking with the join token",
+            settings.output_dir,
+            svid.not_after.isoformat(),
+        )
+        return None
+    log.info(
+        "renewing with the SVID for %s in %s (valid until %s); the join token is not needed",
+        svid.spiffe_id,
+        settings.output_dir,
+        svid.not_after.isoformat(),
+    )
+    return svid
+
+
 def build_client(settings: AgentSettings) -> CAClient:
     """The CA client the settings describe (ConfigError for an unavailable credential)."""
     return CAClient(
@@ -228,9 +262,17 @@ def build_sinks(settings: AgentSettings) -> list[tuple[str, CredentialSink]]:
 async def start_agent(settings: AgentSettings) -> RunningAgent:
     """Start every part of the agent; raise ConfigError/MeshcaError naming what failed."""
     client = build_client(settings)
+    bootstrap = None
+    if settings.credential == "svid":
+        assert settings.svid_cert_file is not None and settings.svid_key_file is not None
+        bootstrap = load_svid(settings.svid_cert_file, settings.svid_key_file, settings)
+    elif settings.credential == "join-token":
+        bootstrap = earlier_svid(settings)
     # Local files the operator named are checked now, so that a typo is reported at once
     # (naming the path) rather than retried in the background.
-    if isinstance(client.credential, ProjectedTokenFile):
+    if isinstance(client.credential, ProjectedTokenFile) or (
+        isinstance(client.credential, JoinTokenFile) and bootstrap is None
+    ):
         await client.credential.token()
     if isinstance(client.anchors.source, BundleFile):
         await client.anchors.refresh()
@@ -239,10 +281,6 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
             "ca_plaintext: talking to the CA without TLS and trusting whatever root it "
             "names. For local development only."
         )
-    bootstrap = None
-    if settings.credential == "svid":
-        assert settings.svid_cert_file is not None and settings.svid_key_file is not None
-        bootstrap = load_svid(settings.svid_cert_file, settings.svid_key_file, settings)
     sinks = build_sinks(settings)
     store = CredentialStore()
     metrics = AgentMetrics()

@@ -26,6 +26,7 @@ while the details (URLs, driver errors) go to the CA's log.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -242,7 +243,7 @@ class CertificateFrontend:
                 )
                 async with asyncio.timeout(limit):
                     peer = Peer(address=peer.address, certificates=peer_certificates(context))
-                    attestation = await self._authenticate(peer, context)
+                    attestation = await self._authenticate(peer, context, request.csr)
                     self.admission.check_identity(str(attestation.spiffe_id))
                     issued = await self.authority.issue(request, attestation, peer)
         except TimeoutError:
@@ -329,10 +330,11 @@ class CertificateFrontend:
         await self._refuse(api, peer, time.perf_counter(), context, reason, code, message)
 
     async def _authenticate(
-        self, peer: Peer, context: aio.ServicerContext[object, object]
+        self, peer: Peer, context: aio.ServicerContext[object, object], csr: bytes | str
     ) -> Attestation:
         try:
             credential = credential_from_metadata(tuple(context.invocation_metadata() or ()))
+            credential = dataclasses.replace(credential, csr=csr)
             return await self.authenticator.authenticate(credential, peer)
         except AuthenticationError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()

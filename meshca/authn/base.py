@@ -26,14 +26,20 @@ class AuthMethod(enum.StrEnum):
     K8S_JWT = "k8s-jwt"
     GCE_IDENTITY = "gce-iit"
     X509_SVID = "x509-svid"
+    JOIN_TOKEN = "join-token"
 
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """What the caller presented. ``bearer_token`` is secret and never shown in repr."""
+    """What the caller presented. ``bearer_token`` is secret and never shown in repr.
+
+    ``csr`` is the request's CSR as sent (unchecked): a join token grants one SPIFFE ID,
+    and its authenticator refuses a CSR asking for another before spending the token.
+    """
 
     bearer_token: str | None = field(default=None, repr=False)
     cluster_id: str | None = None
+    csr: bytes | str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

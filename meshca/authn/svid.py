@@ -18,6 +18,7 @@ from cryptography.x509 import verification
 
 from meshca.authn.base import Attestation, Authenticator, AuthMethod, Credential, Peer
 from meshca.authn.gce import is_google_token
+from meshca.authn.join_token import is_join_token
 from meshca.errors import AuthenticationError, SpiffeIdError
 from meshca.spiffe import SpiffeId, TrustDomain
 
@@ -116,7 +117,8 @@ class SvidAuthenticator:
 class CallerAuthenticator:
     """Picks the authenticator for what the caller presented.
 
-    A verified client certificate (the mTLS port) renews by SVID. A bearer token whose
+    A verified client certificate (the mTLS port) renews by SVID. A bearer token with
+    the join-token prefix goes to the join-token authenticator. A bearer token whose
     issuer, read without verification, is Google goes to the GCE authenticator (or is
     refused when GCE authentication is off); every other token goes to the Kubernetes
     authenticator. The peek only routes: each path verifies the token against its own
@@ -128,14 +130,22 @@ class CallerAuthenticator:
         token: Authenticator,
         svid: SvidAuthenticator,
         gce: Authenticator | None = None,
+        join: Authenticator | None = None,
     ) -> None:
         self._token = token
         self._svid = svid
         self._gce = gce
+        self._join = join
 
     async def authenticate(self, credential: Credential, peer: Peer) -> Attestation:
         if peer.certificates:
             return await self._svid.authenticate(credential, peer)
+        if is_join_token(credential.bearer_token):
+            if self._join is None:
+                raise AuthenticationError(
+                    "this CA does not accept join tokens", reason="join_token_not_accepted"
+                )
+            return await self._join.authenticate(credential, peer)
         if is_google_token(credential.bearer_token):
             if self._gce is None:
                 raise AuthenticationError(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from meshca.cli.admin_join_token import join_token
 from meshca.cli.admin_ledger import CA_INTERNAL_METHOD, ledger, open_read_only
 from meshca.cli.admin_output import echo_json, json_time, output_option
 from meshca.cli.admin_root import root
@@ -26,13 +27,15 @@ server refreshes ``last_seen_at`` every 30 s)."""
 
 @click.group()
 def admin() -> None:
-    """Inspect and audit the CA: status, roots, ledger verification, database migrations."""
+    """Inspect and audit the CA: status, roots, ledger verification, join tokens, database
+    migrations."""
 
 
 admin.add_command(root)
 for _command in ROOT_ROTATION:
     root.add_command(_command)
 admin.add_command(ledger)
+admin.add_command(join_token)
 
 
 def intermediate_state(record: IntermediateRecord, now: datetime) -> str:

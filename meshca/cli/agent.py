@@ -105,16 +105,18 @@ def agent_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
 @agent_option(
     "--credential",
     env="CREDENTIAL",
-    type=click.Choice(["k8s", "gce", "svid"]),
+    type=click.Choice(["k8s", "gce", "join-token", "svid"]),
     help="What the agent proves its identity with: a projected service-account token "
-    "(k8s), the VM's GCE instance identity token (gce) or its SVID on the mTLS port "
-    "(svid) [default: k8s].",
+    "(k8s), the VM's GCE instance identity token (gce), a single-use join token for its "
+    "first certificate (join-token; from meshca admin join-token create) or its SVID on "
+    "the mTLS port (svid) [default: k8s].",
 )
 @agent_option(
     "--token-file",
     env="TOKEN_FILE",
     type=PATH,
-    help="Projected service-account token (audience istio-ca), re-read for every request "
+    help="Projected service-account token (audience istio-ca), re-read for every request; "
+    "with --credential join-token, the file holding the join token "
     "[default: /var/run/secrets/tokens/istio-token].",
 )
 @agent_option(

@@ -9,13 +9,20 @@ The ledger's row-hash encoding is a compatibility contract documented in :mod:`.
 from __future__ import annotations
 
 from meshca.store.chain import GENESIS_HASH, LedgerRow, NewIssuance, row_hash
-from meshca.store.models import IntermediateRecord, LedgerEntry, LedgerHead, RootRecord
+from meshca.store.models import (
+    IntermediateRecord,
+    JoinToken,
+    LedgerEntry,
+    LedgerHead,
+    RootRecord,
+)
 from meshca.store.store import Store, StoreCounts
 from meshca.store.verify import LedgerProblem, LedgerReport, ProblemKind
 
 __all__ = [
     "GENESIS_HASH",
     "IntermediateRecord",
+    "JoinToken",
     "LedgerEntry",
     "LedgerHead",
     "LedgerProblem",

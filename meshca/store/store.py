@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from meshca.errors import StoreError
-from meshca.store import migrate, readiness, root_lifecycle
+from meshca.store import join_tokens, migrate, readiness, root_lifecycle
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
 from meshca.store.chain import LedgerRow, NewIssuance
@@ -41,6 +41,7 @@ from meshca.store.models import (
     ROOT_BACKENDS,
     ROOT_STATES,
     IntermediateRecord,
+    JoinToken,
     LedgerEntry,
     LedgerHead,
     RootRecord,
@@ -451,6 +452,45 @@ class Store:
         table = _table(UsedToken)
         with self._transaction("deleting expired token records") as conn:
             return conn.execute(delete(table).where(table.c.expires_at < now)).rowcount
+
+    # -- join tokens ------------------------------------------------------------------
+
+    def add_join_tokens(self, records: Sequence[JoinToken]) -> None:
+        """Store new join tokens (their digests), all or none."""
+        for record in records:
+            if not _HEX_DIGEST.fullmatch(record.token_sha256):
+                raise ValueError("token_sha256 must be 64 lowercase hex digits")
+            _check_times(created_at=record.created_at, expires_at=record.expires_at)
+        with self._session("creating join tokens", write=True) as session:
+            session.add_all(records)
+
+    def find_join_token(self, token_sha256: str) -> JoinToken | None:
+        """The join token with this digest, whatever its state."""
+        with self._session("reading a join token") as session:
+            return join_tokens.find(session, token_sha256)
+
+    def spend_join_token(self, token_sha256: str, peer: str, now: datetime) -> bool:
+        """Mark the token used by ``peer`` if it is unused, unrevoked and unexpired at
+        ``now``; False otherwise. Atomic across processes and replicas
+        (:mod:`.join_tokens`)."""
+        _check_times(now=now)
+        with self._transaction("spending a join token") as conn:
+            return join_tokens.spend(conn, _table(JoinToken), token_sha256, peer, now)
+
+    def list_join_tokens(self) -> list[JoinToken]:
+        """Every join token, newest first."""
+        statement = select(JoinToken).order_by(col(JoinToken.created_at).desc())
+        with self._session("listing join tokens") as session:
+            return list(session.exec(statement))
+
+    def revoke_join_tokens(
+        self, ids: Sequence[str], spiffe_id: str | None, now: datetime
+    ) -> tuple[list[JoinToken], list[JoinToken]]:
+        """Revoke the unused tokens named by id prefix or SPIFFE ID; see
+        :func:`.join_tokens.revoke`."""
+        _check_times(now=now)
+        with self._session("revoking join tokens", write=True) as session:
+            return join_tokens.revoke(session, ids, spiffe_id, now)
 
     def get_intermediate(self, fingerprint: str) -> IntermediateRecord | None:
         statement = select(IntermediateRecord).where(IntermediateRecord.fingerprint == fingerprint)
