@@ -24,11 +24,12 @@ import errno
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
-
-import aiohttp
+from typing import TYPE_CHECKING, Protocol
 
 from meshca.errors import ConfigError, MeshcaError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 MAX_TOKEN_BYTES = 64 * 1024
 """A projected token is a few KiB; anything far larger is not a token."""
@@ -190,6 +191,8 @@ class GceMetadataServer:
     async def identity_token(self, audience: str) -> str:
         """A fresh ``format=full`` token for ``audience``; CredentialError naming the
         metadata server's answer (status and first line) when there is none."""
+        import aiohttp  # only GCE agents need an HTTP client
+
         seconds = self._timeout.total_seconds()
         try:
             async with (

@@ -1,8 +1,5 @@
-"""The agent's Prometheus metrics and its small HTTP server (aiohttp).
-
-GET /healthz    the process is up
-GET /readyz     200 while the agent holds an unexpired certificate, else 503 saying why
-GET /metrics    Prometheus text format
+"""The agent's Prometheus metrics, served with /healthz and /readyz by
+:mod:`meshca.agent.http`.
 
 Metrics (each agent has a registry of its own, so many agents can run in one process):
 
@@ -22,9 +19,7 @@ import logging
 import math
 from datetime import UTC, datetime
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -33,6 +28,7 @@ from prometheus_client import (
 )
 
 from meshca.agent.credentials import CredentialStore
+from meshca.agent.http import METRICS_CONTENT_TYPE, Answer, HealthServer, readiness
 
 log = logging.getLogger(__name__)
 
@@ -105,57 +101,17 @@ class AgentMetrics:
         return generate_latest(self.registry)
 
 
-STORE_KEY = web.AppKey("store", CredentialStore)
-METRICS_KEY = web.AppKey("metrics", AgentMetrics)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    creds = request.app[STORE_KEY].current()
-    if creds is None:
-        return web.Response(status=503, text="not ready\nno certificate yet\n")
-    if creds.not_after <= datetime.now(UTC):
-        return web.Response(
-            status=503,
-            text=f"not ready\nthe certificate expired at {creds.not_after.isoformat()}\n",
-        )
-    return web.Response(
-        text=f"ready\n{creds.spiffe_id} valid until {creds.not_after.isoformat()}\n"
-    )
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    resp = web.Response(body=request.app[METRICS_KEY].exposition())
-    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return resp
-
-
-def build_http_app(store: CredentialStore, metrics: AgentMetrics) -> web.Application:
-    app = web.Application(client_max_size=4096)
-    app[STORE_KEY] = store
-    app[METRICS_KEY] = metrics
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    return app
-
-
 async def start_http(
     host: str, port: int, store: CredentialStore, metrics: AgentMetrics
-) -> tuple[web.AppRunner, int]:
-    """Serve health and metrics on ``host:port`` (0: any free port); returns the bound port.
-
-    Raises OSError when the address cannot be bound.
+) -> tuple[HealthServer, int]:
+    """Serve health and metrics on ``host:port`` (0: any free port); returns the server
+    and the bound port. Raises OSError when the address cannot be bound.
     """
-    runner = web.AppRunner(build_http_app(store, metrics), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    bound = runner.addresses[0][1]
-    return runner, int(bound)
+    server = HealthServer(
+        {
+            b"/healthz": lambda: Answer(200, b"ok\n"),
+            b"/readyz": lambda: readiness(store),
+            b"/metrics": lambda: Answer(200, metrics.exposition(), METRICS_CONTENT_TYPE),
+        }
+    )
+    return server, await server.start(host, port)

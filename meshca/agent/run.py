@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -35,6 +34,7 @@ from meshca.agent.credential_sources import (
     credential_source,
 )
 from meshca.agent.credentials import CredentialSink, CredentialStore, X509Credentials
+from meshca.agent.http import HealthServer
 from meshca.agent.metrics import AgentMetrics, start_http
 from meshca.agent.rotation import Backoff, RenewalSchedule, RotationEngine
 from meshca.agent.trust import BundleFile, BundleSource, PinnedBundleUrl, TrustAnchors
@@ -58,7 +58,7 @@ class RunningAgent:
     engine: RotationEngine
     metrics: AgentMetrics
     sinks: list[tuple[str, CredentialSink]]
-    http_runner: web.AppRunner | None
+    http_server: HealthServer | None
     http_port: int | None
     task: asyncio.Task[None] = field(init=False)
     proxy: RunningProxy | None = None
@@ -105,8 +105,8 @@ class RunningAgent:
                 await sink.stop()
             except OSError as exc:
                 log.warning("stopping %s: %s", name, exc)
-        if self.http_runner is not None:
-            await self.http_runner.cleanup()
+        if self.http_server is not None:
+            await self.http_server.stop()
         await self.client.close()
 
 
@@ -297,7 +297,7 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
         bundle_refresh=settings.bundle_refresh_interval,
     )
     started: list[tuple[str, CredentialSink]] = []
-    runner: web.AppRunner | None = None
+    http_server: HealthServer | None = None
     http_port: int | None = None
     try:
         for name, sink in sinks:
@@ -306,7 +306,9 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
         if settings.http_listen is not None:
             host, _, port = settings.http_listen.rpartition(":")
             try:
-                runner, http_port = await start_http(host.strip("[]"), int(port), store, metrics)
+                http_server, http_port = await start_http(
+                    host.strip("[]"), int(port), store, metrics
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"cannot listen for HTTP on {settings.http_listen}: {exc.strerror or exc}"
@@ -324,7 +326,7 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
         engine=engine,
         metrics=metrics,
         sinks=sinks,
-        http_runner=runner,
+        http_server=http_server,
         http_port=http_port,
     )
     agent.task = asyncio.create_task(engine.run(), name="meshca-agent-rotation")
@@ -358,9 +360,8 @@ async def run_agent(settings: AgentSettings) -> None:
         while not stopping.done() and not agent.task.done():
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
-                line = agent.status_line()
-                log.info(line)
-                print(line, flush=True)
+                # Once, on standard output: the log would repeat it in the same terminal.
+                print(agent.status_line(), flush=True)
         if agent.task.done():
             agent.task.result()  # the engine only ends by a bug: let it show
     finally:

@@ -29,7 +29,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
@@ -143,16 +142,20 @@ class PinnedBundleUrl:
         self.url = url
         self.pins = frozenset(pins)
         self._trust_domain = trust_domain
-        self._timeout = aiohttp.ClientTimeout(total=timeout.total_seconds())
+        self._timeout = timeout.total_seconds()
 
     @property
     def description(self) -> str:
         return f"bundle {self.url} (pinned)"
 
     async def load(self) -> tuple[x509.Certificate, ...]:
+        import aiohttp  # only agents that fetch their bundle need an HTTP client
+
         try:
             async with (
-                aiohttp.ClientSession(timeout=self._timeout) as session,
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self._timeout)
+                ) as session,
                 session.get(self.url, allow_redirects=False) as resp,
             ):
                 if resp.status != 200:

@@ -1,7 +1,13 @@
-"""The ``meshca`` command: ``server`` and ``admin`` (more sub-commands plug in here)."""
+"""The ``meshca`` command: ``server``, ``agent``, ``proxy`` and ``admin``.
+
+Each sub-command's module is imported only when that sub-command runs (or ``--help``
+lists them): ``meshca agent`` runs in every pod, and the CA's modules (the store, the
+signers, the cloud SDKs) would take more memory than the agent itself.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -9,10 +15,6 @@ try:  # meshca's modules take a second or so to import: Ctrl-C may well land her
     import click
 
     from meshca import __version__
-    from meshca.cli.admin import admin
-    from meshca.cli.agent import agent
-    from meshca.cli.proxy import proxy
-    from meshca.cli.server import server
 except KeyboardInterrupt:
     # Leave at once: an interpreter half-way through imports may turn a normal exit
     # back into the interrupt (killed by SIGINT, not 130).
@@ -20,14 +22,41 @@ except KeyboardInterrupt:
     sys.stderr.flush()
     os._exit(130)
 
+SUBCOMMANDS = {
+    "admin": "meshca.cli.admin:admin",
+    "agent": "meshca.cli.agent:agent",
+    "demo": "meshca.cli.demo:demo",
+    "proxy": "meshca.cli.proxy:proxy",
+    "server": "meshca.cli.server:server",
+}
+"""Sub-command name -> ``module:attribute`` of its click command."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _LazyGroup(click.Group):
+    """A group whose sub-commands are imported on first use (click's documented pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = SUBCOMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        try:
+            command = getattr(importlib.import_module(module), attribute)
+        except KeyboardInterrupt:
+            sys.stderr.write("meshca: interrupted during start-up\n")
+            sys.stderr.flush()
+            os._exit(130)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="meshca")
 def main() -> None:
     """meshca: a workload-identity CA issuing SPIFFE X509-SVIDs for service meshes."""
-
-
-main.add_command(server)
-main.add_command(admin)
-main.add_command(agent)
-main.add_command(proxy)
