@@ -236,6 +236,56 @@ class GcpKmsSignerConfig(_Strict):
         return value
 
 
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+"""Where Kubernetes mounts a pod's service-account token, CA certificate and namespace."""
+
+
+class BundleConfigMapConfig(_Strict):
+    """Write the trust bundle to a ConfigMap in every namespace of the cluster meshca runs
+    in (Istio's convention: ``istio-ca-root-cert``, key ``root-cert.pem``), keep it
+    current through root rotation and new namespaces. One CA process writes at a time,
+    the holder of a coordination.k8s.io Lease; the others wait to take over."""
+
+    enabled: bool = False
+    name: str = "istio-ca-root-cert"
+    key: str = "root-cert.pem"
+    api_server: str | None = None
+    """The API server's URL; default: in-cluster (KUBERNETES_SERVICE_HOST and _PORT)."""
+    ca_file: Path = SERVICE_ACCOUNT_DIR / "ca.crt"
+    """PEM bundle that verifies the API server's TLS certificate."""
+    credentials_file: Path = SERVICE_ACCOUNT_DIR / "token"
+    """The bearer token meshca presents (re-read every minute: the kubelet rotates it)."""
+    lease_namespace: str | None = None
+    """Namespace of the Lease; default: the pod's own (SERVICE_ACCOUNT_DIR/namespace)."""
+    lease_name: str = "meshca-bundle-writer"
+    lease_duration: Duration = timedelta(seconds=15)
+    """How long the others wait after the writer's last renewal before taking over."""
+    renew_deadline: Duration = timedelta(seconds=10)
+    """The writer stops writing when it could not renew for this long."""
+    retry_period: Duration = timedelta(seconds=2)
+    """How often the writer renews and the others look at the Lease."""
+    resync_interval: Duration = timedelta(minutes=5)
+    """How often every namespace's ConfigMap is checked again (repairs edits, deletions)."""
+    timeout: Duration = timedelta(seconds=10)
+    """Per API call."""
+
+    @field_validator("api_server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"api_server {value!r} must be an http(s) URL")
+        return value.rstrip("/") if value is not None else None
+
+    @model_validator(mode="after")
+    def _timing(self) -> BundleConfigMapConfig:
+        if not self.lease_duration > self.renew_deadline > self.retry_period > timedelta(0):
+            raise ValueError(
+                "bundle_configmap needs lease_duration > renew_deadline > retry_period > 0 "
+                "(the writer must give up before another may take over)"
+            )
+        return self
+
+
 def _signer_kind(value: object) -> str:
     """The signer's ``kind`` tag; a signer section without one means ``file``."""
     if isinstance(value, dict):
@@ -384,6 +434,8 @@ class Settings(FileSettings):
     """Google's signing keys (JWK Set), cached per the answer's Cache-Control/Expires."""
     gce_rules: list[GceRule] = Field(default_factory=list)
     """Identity mapping rules for GCE VMs, first match wins."""
+    bundle_configmap: BundleConfigMapConfig = Field(default_factory=BundleConfigMapConfig)
+    """Trust bundle ConfigMap in every namespace (off unless ``enabled``)."""
     grpc_handshake_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
     """A connection that has not completed its TLS handshake by then is closed."""
     grpc_max_connection_age: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(minutes=30)

@@ -56,7 +56,9 @@ from meshca.errors import (
     SignerError,
     StoreError,
 )
+from meshca.kube.bundle_configmaps import BundleWriter
 from meshca.metrics import CAMetrics
+from meshca.pki.bundle import bundle_pem
 from meshca.pki.profile import fingerprint
 from meshca.ports import listening_pids
 from meshca.signers.base import Signer, close_signer
@@ -116,6 +118,7 @@ class RunningServer:
     server_cert: ServerCertificate | None
     metrics: CAMetrics
     issuer_watch: IssuerWatch = field(default_factory=lambda: IssuerWatch(()))
+    bundle_writer: BundleWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def status_line(self) -> str:
@@ -204,6 +207,8 @@ class RunningServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.issuer_watch.stop()
+        if self.bundle_writer is not None:
+            await self.bundle_writer.stop()
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.authenticator.close()
@@ -470,9 +475,26 @@ async def _start(
         server_cert=server_cert,
         metrics=metrics,
         issuer_watch=issuer_watch,
+        bundle_writer=_start_bundle_writer(settings, authority, undo),
     )
     running._tasks.append(asyncio.create_task(running._maintain()))
     return running
+
+
+def _start_bundle_writer(
+    settings: Settings, authority: Authority, undo: contextlib.AsyncExitStack
+) -> BundleWriter | None:
+    """The trust bundle ConfigMap writer, when ``bundle_configmap.enabled``."""
+    if not settings.bundle_configmap.enabled:
+        return None
+    writer = BundleWriter(
+        settings.bundle_configmap,
+        authority.owner,
+        lambda: bundle_pem(authority.trust_bundle()),
+    )
+    writer.start()
+    undo.push_async_callback(writer.stop)
+    return writer
 
 
 async def serve(settings: Settings) -> None:
