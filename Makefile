@@ -1,17 +1,27 @@
-# Two entry points a new user needs: `make run` (start the CA) and `make test`.
-# Both create .venv and install meshca with its dependencies on first use.
+# Two entry points a new user needs: `make run` (the demo: a CA, agents and proxies on
+# loopback) and `make test`. Both create .venv on first use; `run` installs meshca and
+# its dependencies alone, `test` adds the developer tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STATE_DIR ?= .meshca
 
 .PHONY: run test check lint typecheck protos system-deps clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
+	@echo "creating the virtualenv $(VENV) ($(PYTHON) -m venv)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+# The package alone: what `make run` needs. pip shows each package it fetches.
+$(BIN)/.installed-package: pyproject.toml | $(BIN)/python
+	@echo "installing meshca and its dependencies into $(VENV) (once; a minute or two)"
+	$(BIN)/pip install --progress-bar on -e .
 	touch $@
+
+# The package and the developer tools (pytest, mypy, ruff...): what `make test` needs.
+$(BIN)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(BIN)/.installed-package
 
 # Debian packages the tests use as real peers: openssl (independent verifier), SoftHSM2
 # (the PKCS#11 backend), curl, and nginx (fed by the agent's file sink). Installed only
@@ -28,10 +38,8 @@ system-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-run: $(BIN)/.installed
-	$(BIN)/meshca server --state-dir $(STATE_DIR) \
-	  --grpc-listen 127.0.0.1:15012 --grpc-mtls-listen 127.0.0.1:15013 \
-	  --http-listen 127.0.0.1:15014
+run: $(BIN)/.installed-package
+	$(BIN)/meshca demo
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check meshca tests bench
