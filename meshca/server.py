@@ -84,7 +84,9 @@ class NoAuthenticator:
     async def authenticate(self, credential: Credential, peer: Peer) -> Attestation:
         raise AuthenticationError(
             "this CA has no Kubernetes cluster configured; start it with --k8s-oidc-issuer, "
-            "--k8s-jwks-url or --k8s-api-server, or list clusters in the config file",
+            "--k8s-jwks-url or --k8s-api-server, or list clusters in the config file (a "
+            "machine outside Kubernetes joins with a token from `meshca admin join-token "
+            "create`)",
             reason="no_authenticator",
         )
 
@@ -224,7 +226,10 @@ class RunningServer:
 def build_token_authenticator(settings: Settings) -> Authenticator:
     clusters = settings.effective_clusters
     if not clusters:
-        log.warning("no Kubernetes cluster configured: every Kubernetes token will be refused")
+        log.warning(
+            "no Kubernetes cluster configured: every Kubernetes token will be refused (join "
+            "tokens and SVID renewals still work)"
+        )
         return NoAuthenticator()
     return KubernetesAuthenticator(
         settings.trust_domain_value, clusters, default_cluster=settings.default_cluster
@@ -500,7 +505,7 @@ def _start_bundle_writer(
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
     running = await start_server(settings)
-    log.info(running.status_line())
+    # Printed once, on standard output (where scripts look); the log would show it again.
     print(running.status_line(), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -309,8 +309,7 @@ class Supervisor:
             str(w.ready["intermediate"]) for w in self._workers.values() if w.ready
         )
         line = f"{first['status']}; workers {self._count} (intermediates {intermediates})"
-        log.info(line)
-        print(line, flush=True)
+        print(line, flush=True)  # once, on standard output: the log would repeat it
 
     def _watch(self, settings_json: str) -> int:
         """Replace workers that die (backing off when they die young) until stopped."""

@@ -115,6 +115,10 @@ def setup_logging(level: str, *, background: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.setLevel(level.upper())
+    if root.level > logging.DEBUG:
+        # Alembic announces its plumbing at INFO on every connection it inspects
+        # ("Context impl SQLiteImpl.", plugin set-up); meshca logs the upgrades it applies.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if not background:
         root.addHandler(handler)
         return

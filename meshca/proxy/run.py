@@ -285,9 +285,7 @@ async def run_proxy(config: ProxyConfig) -> None:
     try:
         done, _ = await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
-            line = running.status_line()
-            log.info(line)
-            print(line, flush=True)
+            print(running.status_line(), flush=True)  # once: the log would repeat it
             await stopping
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

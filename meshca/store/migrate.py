@@ -12,6 +12,7 @@ run DDL inside the transaction, so a failed migration leaves no half-built schem
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from meshca.errors import StoreError
 from meshca.store.engine import SQLITE_BEGIN_OPTION
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # pg_advisory_xact_lock key: an arbitrary constant that only meshca migrations use.
@@ -85,3 +88,10 @@ def upgrade(engine: Engine) -> None:
                 raise StoreError(
                     f"database migration failed: {exc}", reason="migration_failed"
                 ) from exc
+            head = script.get_current_head()
+            if current != head:
+                log.info(
+                    "database schema upgraded from %s to revision %s",
+                    f"revision {current}" if current else "nothing (a new database)",
+                    head,
+                )

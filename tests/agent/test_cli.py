@@ -241,8 +241,9 @@ async def test_agent_process_becomes_ready_serves_metrics_and_stops_on_sigterm(
 def test_the_sidecar_example_is_a_valid_agent_configuration(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """deploy/kubernetes/agent-sidecar.yaml stays in step with the settings it sets."""
-    manifest = Path(__file__).parents[2] / "deploy" / "kubernetes" / "agent-sidecar.yaml"
+    """The sidecar example's manifest stays in step with the settings it sets."""
+    example = Path(__file__).parents[2] / "deploy" / "kubernetes" / "overlays" / "sidecar-example"
+    manifest = example / "agent-sidecar.yaml"
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
     pod = next(d for d in docs if d["kind"] == "Pod")
     agent = next(c for c in pod["spec"]["containers"] if c["name"] == "meshca-agent")
