@@ -505,12 +505,13 @@ def _start_bundle_writer(
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
     running = await start_server(settings)
-    # Printed once, on standard output (where scripts look); the log would show it again.
-    print(running.status_line(), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Once, on standard output (where scripts look; the log would show it again), and only
+    # once a signal stops the server cleanly: whoever reads the line may send one at once.
+    print(running.status_line(), flush=True)
     try:
         await stop.wait()
     finally:
