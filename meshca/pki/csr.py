@@ -2,10 +2,10 @@
 
 A CSR (PKCS#10, RFC 2986) does one job in meshca: it proves that the caller holds the
 private key for the public key it carries. The CA, not the CSR, decides the identity
-(design: "Certificate profile"), so a CSR may carry no SAN at all; if it names a SPIFFE ID
-it must be the caller's own. A CSR that asks for a CA certificate, for another identity,
-for extra names or for extensions the CA does not understand is refused, never silently
-trimmed: the caller learns exactly what was wrong.
+(the leaf profile in :mod:`meshca.pki.profile`), so a CSR may carry no SAN at all; if it
+names a SPIFFE ID it must be the caller's own. A CSR that asks for a CA certificate, for
+another identity, for extra names or for extensions the CA does not understand is
+refused, never silently trimmed: the caller learns exactly what was wrong.
 
 Every refusal is a :class:`~meshca.errors.CSRError` whose ``reason`` is one of:
 
@@ -269,13 +269,13 @@ def _describe_name(name: x509.GeneralName) -> str:
 def check_csr(csr: x509.CertificateSigningRequest, expected: SpiffeId) -> PublicKey:
     """Check that ``csr`` may be signed for the caller ``expected``; return its public key.
 
-    In order: the key is an allowed algorithm and size (design: "Keys"); the signature
-    uses SHA-256, SHA-384 or SHA-512 and verifies (proof of possession, RFC 2986
-    section 3); the extension request holds only subjectAltName, basicConstraints with
-    CA:false, keyUsage without keyCertSign or cRLSign, and extendedKeyUsage; the SAN, if
-    present, holds at most one name, a URI equal to ``expected``. The subject DN is
-    ignored: the CA sets its own. Raises CSRError with one of the reasons listed in this
-    module's docstring.
+    In order: the key is an allowed algorithm and size
+    (:class:`~meshca.pki.keys.KeyAlgorithm`); the signature uses SHA-256, SHA-384 or
+    SHA-512 and verifies (proof of possession, RFC 2986 section 3); the extension
+    request holds only subjectAltName, basicConstraints with CA:false, keyUsage without
+    keyCertSign or cRLSign, and extendedKeyUsage; the SAN, if present, holds at most one
+    name, a URI equal to ``expected``. The subject DN is ignored: the CA sets its own.
+    Raises CSRError with one of the reasons listed in this module's docstring.
     """
     key = _check_key(csr)
     _check_signature(csr)

@@ -108,7 +108,7 @@ def build_root(
     BasicConstraints CA:true without a path length; keyCertSign + cRLSign; URI SAN
     ``spiffe://<td>``; subject ``O=<td>, CN=meshca root CA <serial prefix>``. The AKI
     repeats the root's own SKI: RFC 5280 4.2.1.1 lets a self-signed certificate omit it,
-    but the design gives every certificate both. notBefore is ``now - CLOCK_SKEW``,
+    but meshca gives every certificate both. notBefore is ``now - CLOCK_SKEW``,
     notAfter ``now + ttl``.
     """
     key, algorithm = _signing_key(signer)

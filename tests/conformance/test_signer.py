@@ -1,4 +1,4 @@
-"""What every Signer backend must do (design: "The two seams").
+"""What every Signer backend must do (the ``Signer`` protocol of meshca/signers/base.py).
 
 Parametrised by ``signer_factory`` (conftest.py, one param per backend) and by every
 KeyAlgorithm, so a new backend passes or fails exactly the same checks as ``file``.
