@@ -10,8 +10,9 @@ second and rewrites every ConfigMap when it changes. Every ``resync_interval`` i
 everything again, repairing ConfigMaps edited or deleted meanwhile. A namespace being
 deleted is skipped. API errors are logged once per distinct reason and retried.
 
-RBAC it needs: namespaces get, list, watch; configmaps get, create, update (cluster
-wide); leases get, create, update in the Lease's namespace.
+RBAC it needs: namespaces get, list, watch; configmaps create, and get and update of
+the bundle's name only (``resourceNames``); leases get, create, update in the Lease's
+namespace.
 """
 
 from __future__ import annotations

@@ -131,20 +131,21 @@ def test_rbac_grants_only_what_the_ca_uses() -> None:
     docs = render("overlays/gcpkms")
     rules = find(docs, "ClusterRole", "meshca")["rules"]
     granted = {
-        (group, resource, verb)
+        (group, resource, verb, name)
         for rule in rules
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
+        for name in rule.get("resourceNames", ["*"])
     }
     assert granted == {
-        ("authentication.k8s.io", "tokenreviews", "create"),
-        ("", "namespaces", "get"),
-        ("", "namespaces", "list"),
-        ("", "namespaces", "watch"),
-        ("", "configmaps", "get"),
-        ("", "configmaps", "create"),
-        ("", "configmaps", "update"),
+        ("authentication.k8s.io", "tokenreviews", "create", "*"),
+        ("", "namespaces", "get", "*"),
+        ("", "namespaces", "list", "*"),
+        ("", "namespaces", "watch", "*"),
+        ("", "configmaps", "create", "*"),
+        ("", "configmaps", "get", "istio-ca-root-cert"),
+        ("", "configmaps", "update", "istio-ca-root-cert"),
     }
     role = find(docs, "Role", "meshca-bundle-writer")
     assert role["metadata"]["namespace"] == "meshca-system"
