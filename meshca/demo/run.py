@@ -37,13 +37,13 @@ import grpc
 import yaml
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from meshca.agent.rotation import new_key_and_csr
 from meshca.api._proto import istioca_pb2, istioca_pb2_grpc
 from meshca.demo.children import Child, Children, DemoError
 from meshca.demo.issuer import TOKEN_LABEL, LocalIssuer, init_softhsm2_token, softhsm2_module
 from meshca.demo.web import AccessLog, Traffic, describe, get, start_backend
+from meshca.demo.workload import Workload, fingerprint
 from meshca.pki.keys import KeyAlgorithm
 
 TRUST_DOMAIN = "cluster.local"
@@ -62,43 +62,6 @@ _CA_PORTS = {
     "http": re.compile(r"HTTP on ([0-9.]+:\d+)"),
 }
 _PROXY_PORT = re.compile(r"(?:inbound|outbound) \S+ \(port (\d+)\)")
-
-
-def _fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-@dataclass
-class Workload:
-    """One agent and what the demo knows of it."""
-
-    name: str
-    spiffe_id: str
-    directory: Path
-    child: Child | None = None
-    proxy_port: int = 0
-    first_svid_seconds: float = 0.0
-
-    @property
-    def certs(self) -> Path:
-        return self.directory / "certs"
-
-    def chain(self) -> list[x509.Certificate]:
-        return x509.load_pem_x509_certificates((self.certs / "cert-chain.pem").read_bytes())
-
-    def bundle(self) -> list[x509.Certificate]:
-        return x509.load_pem_x509_certificates((self.certs / "root-cert.pem").read_bytes())
-
-    def serial(self) -> str:
-        return f"{self.chain()[0].serial_number:x}"
-
-    def root_fingerprint(self) -> str:
-        """The fingerprint of the bundle root the current chain ends at."""
-        top = self.chain()[-1]
-        for root in self.bundle():
-            if root.subject == top.issuer:
-                return _fingerprint(root)
-        return "?"
 
 
 @dataclass
@@ -247,22 +210,7 @@ class Demo:
         self.backend_app, self.app_port = await start_backend()
 
     def _agent_config(self, workload: Workload, pin: str, **settings: object) -> Path:
-        config: dict[str, object] = {
-            "ca_address": self.ca_ports["grpc"],
-            "ca_server_name": "localhost",
-            "mtls_address": self.ca_ports["mtls"],
-            "ca_bundle_url": f"http://{self.ca_ports['http']}/v1/bundle",
-            "ca_bundle_sha256": [pin],
-            "bundle_refresh_interval": "1s",
-            "trust_domain": TRUST_DOMAIN,
-            "output_dir": str(workload.certs),
-            "http_listen": "127.0.0.1:0",
-            "proxy_access_log": str(workload.directory / "access.log"),
-            **settings,
-        }
-        path = workload.directory / "agent.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return workload.write_config(self.ca_ports, pin, TRUST_DOMAIN, **settings)
 
     def _token(self, workload: Workload, service_account: str) -> str:
         path = workload.directory / "token"
@@ -274,7 +222,7 @@ class Demo:
         status, body = await get(int(self.ca_ports["http"].rpartition(":")[2]), "/v1/bundle")
         if status != 200:
             raise DemoError(f"the CA's bundle endpoint answered {status}")
-        return _fingerprint(x509.load_pem_x509_certificates(body.encode())[0])
+        return fingerprint(x509.load_pem_x509_certificates(body.encode())[0])
 
     async def _start_agent(self, workload: Workload, config: Path) -> None:
         self.command("agent", "--config", str(config))
@@ -372,7 +320,7 @@ class Demo:
         log.new_entries()  # from here on
         for n in range(3):
             status, body = await self._first_requests(frontend.proxy_port, n)
-            self.detail(f"$ curl http://127.0.0.1:{frontend.proxy_port}/hello -> {status} {body}")
+            self.detail(f"GET http://127.0.0.1:{frontend.proxy_port}/hello -> {status} {body}")
         self.detail(f"the backend's proxy logged ({backend.directory / 'access.log'}):")
         for entry in [e for e in await log.wait_for(3) if e.get("method")][:3]:
             self.detail(f"  {describe(entry)}")
@@ -401,7 +349,7 @@ class Demo:
             outcome = f"refused ({type(exc).__name__}: the backend's proxy closed the connection)"
         else:
             raise DemoError(f"the intruder's request was answered ({status} {body}): policy failed")
-        self.detail(f"$ curl http://127.0.0.1:{intruder.proxy_port}/secrets -> {outcome}")
+        self.detail(f"GET http://127.0.0.1:{intruder.proxy_port}/secrets -> {outcome}")
         denied = [e for e in await self._backend_log.wait_for(1) if e.get("decision") == "deny"]
         if not denied:
             raise DemoError("the backend's proxy logged no refusal of the intruder")
@@ -512,7 +460,7 @@ class Demo:
         await self.admin("root", "retire", old[:16], "--force", *config, lines=1)
         await self._wait(
             "every agent's trust bundle holds the new root only",
-            lambda: all([_fingerprint(c) for c in w.bundle()] == [new] for w in workloads),
+            lambda: all([fingerprint(c) for c in w.bundle()] == [new] for w in workloads),
         )
         self.detail("every agent's trust bundle now holds the new root only")
         await asyncio.sleep(1.0)
