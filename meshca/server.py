@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography import x509
@@ -56,7 +57,6 @@ from meshca.errors import (
     SignerError,
     StoreError,
 )
-from meshca.kube.bundle_configmaps import BundleWriter
 from meshca.metrics import CAMetrics
 from meshca.pki.bundle import bundle_pem
 from meshca.pki.profile import fingerprint
@@ -65,6 +65,9 @@ from meshca.signers.base import Signer, close_signer
 from meshca.signers.factory import open_signer
 from meshca.spiffe import SpiffeId
 from meshca.store import RootRecord, Store
+
+if TYPE_CHECKING:
+    from meshca.kube.bundle_configmaps import BundleWriter
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +495,9 @@ def _start_bundle_writer(
     """The trust bundle ConfigMap writer, when ``bundle_configmap.enabled``."""
     if not settings.bundle_configmap.enabled:
         return None
+    # Imported only when enabled: the Kubernetes client is large.
+    from meshca.kube.bundle_configmaps import BundleWriter
+
     writer = BundleWriter(
         settings.bundle_configmap,
         authority.owner,

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import freezegun
 import psycopg
 import pytest
 from psycopg import sql
@@ -58,6 +59,11 @@ def _prime_cryptography_datetime() -> None:
 
 
 _prime_cryptography_datetime()
+
+# freezegun looks at every attribute of every loaded module when it starts; the
+# Kubernetes client's lazy ``__getattr__`` would then import its pydantic models with
+# datetime frozen, which pydantic refuses. Its modules never read the clock in tests.
+freezegun.configure(extend_ignore_list=["kubernetes"])
 
 POSTGRES_URL_ENV = "MESHCA_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
