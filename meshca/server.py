@@ -14,8 +14,7 @@ import contextlib
 import functools
 import logging
 import signal
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -28,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca.api.admission import Admission, AdmissionLimits
 from meshca.api.grpc import CertificateFrontend, add_services, server_options
-from meshca.api.http import build_app
+from meshca.api.http import CachedCheck, ReadinessCheck, build_app
 from meshca.api.http_guard import (
     ConnectionGuard,
     GuardedSite,
@@ -72,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SIGNER_PROBE_INTERVAL = timedelta(seconds=30)
+READINESS_RECHECK_SECONDS = 1.0
+"""How long a ledger check's outcome (or a failed signer probe's) answers /readyz."""
 SERVICE_NAMES = (
     "istio.v1.auth.IstioCertificateService",
     "google.security.meshca.v1.MeshCertificateService",
@@ -433,25 +434,26 @@ async def _start(
     for service in (*SERVICE_NAMES, ""):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    signer_ok_until = 0.0
-
     async def check_signer() -> None:
-        # A probe signature is a billed round trip on KMS: prove the signer at most
-        # once per SIGNER_PROBE_INTERVAL, however often the orchestrator asks.
-        nonlocal signer_ok_until
-        if time.monotonic() < signer_ok_until:
-            return
         await asyncio.to_thread(signer.sign, b"meshca readiness probe")
-        signer_ok_until = time.monotonic() + SIGNER_PROBE_INTERVAL.total_seconds()
 
     async def check_database() -> None:
         problems = await asyncio.to_thread(store.ledger_problems)
         if problems:
             raise StoreError("; ".join(problems), reason="ledger_not_writable")
 
-    checks: dict[str, Callable[[], Awaitable[None]]] = {
-        "signer": check_signer,
-        "database": check_database,
+    # /readyz is unauthenticated: a probe signature is a billed round trip on KMS and the
+    # ledger check takes the head's write lock, so each runs at most once per period
+    # however often (and however many at once) the probes come.
+    checks: dict[str, ReadinessCheck] = {
+        "signer": CachedCheck(
+            check_signer,
+            ok_for=SIGNER_PROBE_INTERVAL.total_seconds(),
+            failed_for=READINESS_RECHECK_SECONDS,
+        ),
+        "database": CachedCheck(
+            check_database, ok_for=READINESS_RECHECK_SECONDS, failed_for=READINESS_RECHECK_SECONDS
+        ),
         "issuers": issuer_watch.check,
     }
     guard = ConnectionGuard(

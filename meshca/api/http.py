@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 
@@ -34,6 +35,55 @@ READINESS_TIMEOUT_SECONDS = 5.0
 AUTHORITY_KEY = web.AppKey("authority", Authority)
 METRICS_KEY = web.AppKey("metrics", CAMetrics)
 CHECKS_KEY = web.AppKey("checks", dict[str, ReadinessCheck])
+
+
+class CachedCheck:
+    """A readiness check that runs at most once per period, however often it is asked.
+
+    /readyz is unauthenticated: a probe that locks the ledger head or signs on a KMS must not
+    run once per request. Concurrent probes share the run in flight; its outcome, success or
+    failure, answers every probe until it is ``ok_for`` / ``failed_for`` seconds old.
+    """
+
+    def __init__(
+        self,
+        check: ReadinessCheck,
+        *,
+        ok_for: float,
+        failed_for: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self._ok_for = ok_for
+        self._failed_for = failed_for
+        self._clock = clock
+        self._valid_until = float("-inf")
+        self._failure: MeshcaError | None = None
+        self._running: asyncio.Future[None] | None = None
+
+    async def __call__(self) -> None:
+        if self._clock() < self._valid_until:
+            if self._failure is not None:
+                raise self._failure.with_traceback(None)
+            return
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        # shield: a probe that times out must not cancel the run the others wait for.
+        await asyncio.shield(self._running)
+
+    async def _run(self) -> None:
+        try:
+            await self._check()
+        except MeshcaError as exc:
+            self._failure, self._valid_until = exc, self._clock() + self._failed_for
+            raise
+        except BaseException:
+            self._valid_until = float("-inf")
+            raise
+        else:
+            self._failure, self._valid_until = None, self._clock() + self._ok_for
+        finally:
+            self._running = None
 
 
 async def bundle(request: web.Request) -> web.Response:
