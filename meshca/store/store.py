@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from meshca.errors import StoreError
 from meshca.store import join_tokens, migrate, readiness, root_lifecycle
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
+from meshca.store.appender import LedgerAppender
 from meshca.store.chain import LedgerRow, NewIssuance
 from meshca.store.engine import (
     SQLITE_BEGIN_OPTION,
@@ -80,6 +82,7 @@ class Store:
         self._ledger_append = LedgerAppend(
             _table(LedgerEntry), _table(LedgerHead), self._engine.dialect
         )
+        self._appenders: weakref.WeakSet[LedgerAppender] = weakref.WeakSet()
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -151,7 +154,9 @@ class Store:
         return redact(self._url)
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection, and those held by ledger appenders."""
+        for appender in list(self._appenders):
+            appender.close()
         self._engine.dispose()
 
     @contextmanager
@@ -367,6 +372,13 @@ class Store:
     def append_issuance(self, entry: NewIssuance) -> LedgerRow:
         """Append one row to the ledger; returns once it is committed (durable)."""
         return self.append_issuances([entry])[0]
+
+    def ledger_appender(self) -> LedgerAppender:
+        """Ledger appends on a connection held for them (the CA's ledger writer thread):
+        the same rows and serialisation as :meth:`append_issuances`, at half the CPU."""
+        appender = LedgerAppender(self._engine, self._url, self._write_lock, self._ledger_append)
+        self._appenders.add(appender)
+        return appender
 
     def append_issuances(self, entries: Sequence[NewIssuance]) -> list[LedgerRow]:
         """Append several rows in one transaction (group commit), in the order given."""
