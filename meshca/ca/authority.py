@@ -341,6 +341,7 @@ class Authority:
         opened, self._opened_signers = self._opened_signers, []
         for signer in opened:
             await asyncio.to_thread(close_signer, signer)
+        await self._ledger.close()
 
     async def _mint_intermediate(self) -> IssuingCA:
         settings = self._settings

@@ -71,9 +71,11 @@ async def _abandon_during_a_lock_timeout(store: Store) -> None:
         waiter.cancel()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
-    flusher = writer._flusher
-    assert flusher is not None
-    await asyncio.wait_for(flusher, timeout=30)
+    async with asyncio.timeout(30):
+        while not writer.idle:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the outcomes' callback
+    await writer.close()
 
 
 async def test_a_lock_timeout_after_the_caller_gave_up_is_logged_once_and_nothing_leaks(
@@ -123,14 +125,13 @@ def _callers_give_up_then_the_batch_fails_and_the_loop_stops(unhandled: list[obj
         one_turn()  # the callers queue their rows and start the flusher
         for caller in callers:
             caller.cancel()
-        flusher = writer._flusher
-        assert flusher is not None
         for _ in range(10_000):
-            if flusher.done():
+            if writer.idle:
                 break
             one_turn()
             time.sleep(0.001)
-        assert flusher.done()
+        assert writer.idle
+        one_turn()  # the failed outcomes arrive
         assert all(caller.cancelled() for caller in callers)
     finally:
         loop.close()  # drops whatever the last turn scheduled
@@ -146,3 +147,37 @@ def test_a_failed_batch_of_callers_that_gave_up_is_retrieved_even_if_the_loop_st
     for _ in range(3):
         gc.collect()
     assert unhandled == []
+
+
+async def test_the_audit_line_names_every_certificate_before_its_caller_has_it(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = LedgerWriter(store)
+    caplog.set_level(logging.INFO, logger="meshca.audit")
+    sid = "spiffe://cluster.local/ns/default/sa/web"
+    rid = "6f1c0000-0000-4000-8000-000000000001"
+    entries = [issuance(1), issuance(2, request_id=rid, spiffe_id=sid), issuance(3)]
+    rows = await asyncio.gather(*(writer.append(e) for e in entries))
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshca.audit"]
+    logged = " ".join(lines)
+    for row in rows:
+        assert (
+            f"#{row.sequence} {row.spiffe_id} serial {row.serial_hex} "
+            f"to {row.peer_address} via {row.auth_method}"
+        ) in logged
+    assert f"request {rid}" in logged
+    assert sum(int(line.split()[1]) for line in lines) == 3  # "issued N certificate(s): ..."
+    await writer.close()
+
+
+async def test_close_writes_what_is_queued_then_stops_and_refuses_more(store: Store) -> None:
+    writer = LedgerWriter(store)
+    pending = [asyncio.create_task(writer.append(issuance(n))) for n in range(1, 6)]
+    await asyncio.sleep(0)  # queued
+    await writer.close()
+    assert sorted(r.sequence for r in await asyncio.gather(*pending)) == [1, 2, 3, 4, 5]
+    assert writer._thread is not None and not writer._thread.is_alive()
+    with pytest.raises(StoreError) as caught:
+        await writer.append(issuance(6))
+    assert caught.value.reason == "store_closed"
+    assert store.counts().issued == 5
