@@ -26,6 +26,7 @@ caller errors, so they are not MeshcaErrors.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import secrets
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.pki.keys import KeyAlgorithm, PrivateKey, PublicKey
+from meshca.pki.svid_der import SvidTemplate
 from meshca.signers.base import Signer, as_private_key
 from meshca.spiffe import SpiffeId, TrustDomain
 
@@ -244,12 +246,17 @@ class PreparedIssuer:
     subject: x509.Name
     authority_key_id: x509.AuthorityKeyIdentifier
     spiffe_ids: tuple[str, ...]
+    template: SvidTemplate | None = None
+    """The DER template of this issuer's X509-SVIDs (:mod:`meshca.pki.svid_der`); None
+    when it did not reproduce cryptography's encoding (the builder is used then)."""
 
     @classmethod
-    def prepare(cls, issuer: Signer | PrivateKey, issuer_cert: x509.Certificate) -> PreparedIssuer:
+    def prepare(
+        cls, issuer: Signer | PrivateKey, issuer_cert: x509.Certificate, *, template: bool = True
+    ) -> PreparedIssuer:
         key, algorithm = _signing_key(issuer)
         _check_issuer(key, issuer_cert, child_path_length=None)
-        return cls(
+        prepared = cls(
             key=key,
             algorithm=algorithm,
             certificate=issuer_cert,
@@ -257,6 +264,9 @@ class PreparedIssuer:
             authority_key_id=_aki(issuer_cert),
             spiffe_ids=tuple(u for u in uri_sans(issuer_cert) if u.startswith("spiffe://")),
         )
+        if not template or not prepared.spiffe_ids:
+            return prepared
+        return dataclasses.replace(prepared, template=_svid_template(prepared))
 
 
 def build_svid(
@@ -283,7 +293,7 @@ def build_svid(
     non-critical.
     """
     if not isinstance(issuer, PreparedIssuer):
-        issuer = PreparedIssuer.prepare(issuer, issuer_cert)
+        issuer = PreparedIssuer.prepare(issuer, issuer_cert, template=False)
     elif issuer.certificate != issuer_cert:
         raise ValueError("the prepared issuer belongs to another certificate")
     KeyAlgorithm.of(public_key)  # raises UnsupportedKeyError (a ValueError)
@@ -294,6 +304,23 @@ def build_svid(
         raise ValueError(f"{spiffe_id} is outside the issuer's trust domain ({issuer_ids[0]})")
     now = _utc(now)
     not_before, not_after = _window(issuer_cert, now, _utc(not_after))
+    serial = new_serial()
+    if issuer.template is not None and not dns_names:
+        tbs = issuer.template.tbs(public_key, str(spiffe_id), serial, not_before, not_after)
+        return x509.load_der_x509_certificate(issuer.template.sign(tbs))
+    return _build_svid(issuer, public_key, spiffe_id, serial, not_before, not_after, dns_names)
+
+
+def _build_svid(
+    issuer: PreparedIssuer,
+    public_key: PublicKey,
+    spiffe_id: SpiffeId,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+    dns_names: Sequence[str] = (),
+) -> x509.Certificate:
+    """The X509-SVID as cryptography's ``CertificateBuilder`` encodes it."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(_dns_or_ip(name) for name in dns_names)
     subject = x509.Name([])
@@ -301,22 +328,9 @@ def build_svid(
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])])
     is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     builder = (
-        _base(subject, issuer.subject, public_key, new_serial(), not_before, not_after)
+        _base(subject, issuer.subject, public_key, serial, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_leaf_key_usage(rsa_key=is_rsa), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -328,6 +342,44 @@ def build_svid(
         .add_extension(x509.SubjectAlternativeName(names), critical=len(subject) == 0)
     )
     return builder.sign(issuer.key, issuer.algorithm.hash_algorithm())
+
+
+def _leaf_key_usage(*, rsa_key: bool) -> x509.KeyUsage:
+    """digitalSignature, plus keyEncipherment for an RSA key (X509-SVID 4.3)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _svid_template(issuer: PreparedIssuer) -> SvidTemplate | None:
+    """The issuer's DER template, if it reproduces the builder's encoding of a reference
+    leaf byte for byte (else None, and the builder signs every leaf)."""
+    cert = issuer.certificate
+    not_before = cert.not_valid_before_utc
+    not_after = min(not_before + timedelta(hours=1), cert.not_valid_after_utc)
+    subject_key = KeyAlgorithm.EC_P256.generate().public_key()
+    spiffe_id = SpiffeId.parse(f"{issuer.spiffe_ids[0]}/meshca/template-check")
+    serial = new_serial()
+    reference = _build_svid(issuer, subject_key, spiffe_id, serial, not_before, not_after)
+    try:
+        template = SvidTemplate.create(
+            issuer.key,
+            issuer.algorithm.hash_algorithm(),
+            reference,
+            _leaf_key_usage(rsa_key=True),
+        )
+        built = template.tbs(subject_key, str(spiffe_id), serial, not_before, not_after)
+    except (ValueError, KeyError, IndexError):
+        return None
+    return template if built == reference.tbs_certificate_bytes else None
 
 
 def _signing_key(issuer: Signer | PrivateKey) -> tuple[PrivateKey, KeyAlgorithm]:
