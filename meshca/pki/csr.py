@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from meshca.errors import CSRError
@@ -189,9 +189,9 @@ def _key_oid(csr: x509.CertificateSigningRequest) -> str:
     return oid.dotted_string if isinstance(oid, x509.ObjectIdentifier) else "unknown OID"
 
 
-def _check_signature(csr: x509.CertificateSigningRequest) -> None:
-    """RFC 2986 section 3: the request is signed with the subject's own private key,
-    with a digest from :data:`ALLOWED_SIGNATURE_HASHES`."""
+def _check_signature(csr: x509.CertificateSigningRequest, key: PublicKey) -> None:
+    """RFC 2986 section 3: the request is signed with the subject's own private key
+    (``key``, already checked), with a digest from :data:`ALLOWED_SIGNATURE_HASHES`."""
     try:
         digest = csr.signature_hash_algorithm
     except _PARSE_ERRORS:
@@ -203,16 +203,33 @@ def _check_signature(csr: x509.CertificateSigningRequest) -> None:
             f"{allowed}; sign the CSR again with one of them (e.g. openssl req -sha256)",
             reason="csr_weak_signature",
         )
-    try:
-        valid = csr.is_signature_valid
-    except _PARSE_ERRORS:
-        valid = False
-    if not valid:
+    if digest is None or not _verifies(csr, key, digest):
         raise CSRError(
             "CSR signature does not verify with the CSR's own public key, so it does not "
             "prove possession of the private key; sign the CSR with the key it carries",
             reason="csr_bad_signature",
         )
+
+
+def _verifies(
+    csr: x509.CertificateSigningRequest, key: PublicKey, digest: hashes.HashAlgorithm
+) -> bool:
+    """The signature check of ``CertificateSigningRequest.is_signature_valid``, with the
+    key already parsed: the padding (PKCS#1 v1.5 or PSS) or ECDSA from the CSR's own
+    signature algorithm, as cryptography documents for verifying a signature by hand."""
+    try:
+        parameters = csr.signature_algorithm_parameters
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(parameters, ec.ECDSA):
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, parameters)
+        else:
+            if not isinstance(parameters, padding.PKCS1v15 | padding.PSS):
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, parameters, digest)
+    except (InvalidSignature, *_PARSE_ERRORS):
+        return False
+    return True
 
 
 def _digest_name(digest: hashes.HashAlgorithm) -> str:
@@ -278,7 +295,7 @@ def check_csr(csr: x509.CertificateSigningRequest, expected: SpiffeId) -> Public
     Raises CSRError with one of the reasons listed in this module's docstring.
     """
     key = _check_key(csr)
-    _check_signature(csr)
+    _check_signature(csr, key)
     try:
         extensions = list(csr.extensions)
     except _PARSE_ERRORS as exc:

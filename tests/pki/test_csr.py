@@ -242,6 +242,56 @@ def test_csr_made_by_openssl_is_accepted(tmp_path: Path, algorithm: KeyAlgorithm
     assert check_csr(load_csr(data), CALLER) == private.public_key()
 
 
+def _flip_signature_bit(data: bytes) -> bytes:
+    csr = load_csr(data)
+    raw = bytearray(der(csr))
+    at = bytes(raw).rindex(csr.signature) + len(csr.signature) // 2
+    raw[at] ^= 0x01
+    return bytes(raw)
+
+
+@needs_openssl
+@pytest.mark.parametrize("salt", ["32", "digest", "max"])
+def test_rsa_pss_signed_csr_is_verified(tmp_path: Path, salt: str) -> None:
+    """PSS CSRs (openssl req -sigopt rsa_padding_mode:pss) are checked with PSS; a flipped
+    signature bit is refused as a bad signature, not accepted or crashed on."""
+    private = key(KeyAlgorithm.RSA_2048)
+    data = subprocess.run(
+        [
+            *_openssl_req_args(tmp_path, private),
+            "-sigopt",
+            "rsa_padding_mode:pss",
+            "-sigopt",
+            f"rsa_pss_saltlen:{salt}",
+            "-addext",
+            f"subjectAltName=URI:{CALLER}",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert check_csr(load_csr(data), CALLER) == private.public_key()
+    assert refuse(_flip_signature_bit(data)).reason == "csr_bad_signature"
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048])
+def test_a_flipped_signature_bit_is_a_bad_signature(algorithm: KeyAlgorithm) -> None:
+    data = der(build(key(algorithm), [caller_san()]))
+    assert refuse(_flip_signature_bit(data)).reason == "csr_bad_signature"
+
+
+def _openssl_req_args(tmp_path: Path, private: PrivateKey) -> list[str]:
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return [OPENSSL, "req", "-new", "-sha256", "-key", str(key_file), "-subj", "/CN=workload"]
+
+
 @needs_openssl
 def test_csr_made_by_openssl_asking_for_ca_is_refused(tmp_path: Path) -> None:
     data = _openssl_csr(tmp_path, key(KeyAlgorithm.EC_P256, 0), "basicConstraints=critical,CA:TRUE")
