@@ -20,9 +20,11 @@ every certificate of the batch, in ledger order, with what the ledger row holds:
     10.0.0.7:41234 via k8s-jwt; #1042 spiffe://td/ns/b/sa/db serial 2c11... to
     10.0.0.9:50122 via svid request 6f1c...
 
-(one line; wrapped here). It is written before any caller gets its certificate, and costs
-one log record per commit rather than one per certificate: under load a commit carries
-several. The ledger stays the durable record; the line is for log pipelines.
+(one line; wrapped here); a certificate a node agent obtained for a workload adds ``for
+node agent <its SPIFFE ID> on node <node>``. It is written before any caller gets its
+certificate, and costs one log record per commit rather than one per certificate: under
+load a commit carries several. The ledger stays the durable record; the line is for log
+pipelines.
 
 A failed commit is logged here, once per batch (the operator's database needs attention);
 a row refused alone for a duplicate request id is not, since it is the normal end of two
@@ -199,6 +201,10 @@ def _audit_entry(row: LedgerRow) -> str:
         f"#{row.sequence} {row.spiffe_id} serial {row.serial_hex} "
         f"to {row.peer_address} via {row.auth_method}"
     )
+    if row.agent_spiffe_id is not None:
+        text += f" for node agent {row.agent_spiffe_id}"
+        if row.node_name is not None:
+            text += f" on node {row.node_name}"
     return text if row.request_id is None else f"{text} request {row.request_id}"
 
 

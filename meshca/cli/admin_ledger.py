@@ -201,6 +201,8 @@ def _row_json(row: LedgerEntry) -> dict[str, object]:
         "intermediate_fingerprint": row.intermediate_fingerprint,
         "request_id": row.request_id,
         "csr_sha256": row.csr_sha256,
+        "agent_spiffe_id": row.agent_spiffe_id,
+        "node_name": row.node_name,
         "row_hash": row.row_hash,
     }
 

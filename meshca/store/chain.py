@@ -30,6 +30,16 @@ has ``prev_hash`` = 64 ``0`` characters (:data:`GENESIS_HASH`); every later row'
 are hashed, an edited, deleted, inserted or reordered row breaks the chain at a
 sequence number that verification names.
 
+Format v2 (rows of certificates a node agent obtained for a workload)
+---------------------------------------------------------------------
+A row whose ``agent_spiffe_id`` or ``node_name`` is set (the identity of the agent that
+asked, and the Kubernetes node it runs on) is hashed as v2: the magic
+``b"meshca-ledger-v2\n"``, the fourteen v1 fields in the same order, then
+``field(agent_spiffe_id) field(node_name)``. A row with both null is hashed exactly as v1,
+so rows written before these columns existed verify unchanged. Clearing both columns of
+a v2 row makes the verifier hash it as v1, which cannot give the stored ``row_hash``:
+the edit shows like any other.
+
 What the chain does not defend against: someone with write access who rewrites every
 row from the tampered one to the end and the ``ledger_head`` row as well. Publishing
 ``ledger_head.last_hash`` somewhere the database's writers cannot change (logs shipped
@@ -49,6 +59,7 @@ from meshca.store.models import LedgerEntry
 GENESIS_HASH = "0" * 64
 _ZERO_LENGTH = bytes(8)
 FORMAT_MAGIC = b"meshca-ledger-v1\n"
+FORMAT_MAGIC_V2 = b"meshca-ledger-v2\n"
 
 _HashedValue = int | str | datetime | None
 
@@ -72,6 +83,10 @@ class NewIssuance:
     issued_at: datetime
     request_id: str | None = None
     csr_sha256: str | None = None
+    agent_spiffe_id: str | None = None
+    """The node agent that asked for this certificate on the workload's behalf."""
+    node_name: str | None = None
+    """The Kubernetes node that agent (and the workload) runs on."""
 
     def __post_init__(self) -> None:
         for name in ("not_before", "not_after", "issued_at"):
@@ -95,8 +110,13 @@ class NewIssuance:
             to_utc(self.issued_at),
             prev_hash,
         )
-        digest = hashlib.sha256(FORMAT_MAGIC + b"".join(map(_field, values))).hexdigest()
-        return LedgerRow(*values, row_hash=digest)
+        delegated = (self.agent_spiffe_id, self.node_name)
+        if delegated == (None, None):
+            digest = hashlib.sha256(FORMAT_MAGIC + b"".join(map(_field, values))).hexdigest()
+        else:
+            encoded = b"".join(map(_field, (*values, *delegated)))
+            digest = hashlib.sha256(FORMAT_MAGIC_V2 + encoded).hexdigest()
+        return LedgerRow(*values, *delegated, row_hash=digest)
 
     def to_entry(self, sequence: int, prev_hash: str) -> LedgerEntry:
         """The same row as an ORM object (for tests and tools that want one)."""
@@ -121,10 +141,12 @@ class LedgerRow:
     certificate_pem: str
     issued_at: datetime
     prev_hash: str
+    agent_spiffe_id: str | None
+    node_name: str | None
     row_hash: str
 
     def columns(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in (*HASHED_COLUMNS, "row_hash")}
+        return {name: getattr(self, name) for name in (*V2_COLUMNS, "row_hash")}
 
 
 def _field(value: _HashedValue) -> bytes:
@@ -166,12 +188,19 @@ HASHED_COLUMNS = (
     "issued_at",
     "prev_hash",
 )
-"""Every ledger column but ``row_hash``, in the order the v1 encoding hashes them."""
+"""The columns the v1 encoding hashes, in its order."""
+
+DELEGATION_COLUMNS = ("agent_spiffe_id", "node_name")
+V2_COLUMNS = (*HASHED_COLUMNS, *DELEGATION_COLUMNS)
+"""Every ledger column but ``row_hash``, in the order the v2 encoding hashes them."""
 
 
 def canonical_bytes(entry: LedgerEntry | LedgerRow) -> bytes:
-    """The v1 encoding of ``entry`` (every column but ``row_hash``), as documented above."""
-    return FORMAT_MAGIC + b"".join(_field(getattr(entry, name)) for name in HASHED_COLUMNS)
+    """The encoding of ``entry`` (v1, or v2 when a delegation column is set), as
+    documented above."""
+    if all(getattr(entry, name) is None for name in DELEGATION_COLUMNS):
+        return FORMAT_MAGIC + b"".join(_field(getattr(entry, name)) for name in HASHED_COLUMNS)
+    return FORMAT_MAGIC_V2 + b"".join(_field(getattr(entry, name)) for name in V2_COLUMNS)
 
 
 def row_hash(entry: LedgerEntry | LedgerRow) -> str:

@@ -145,7 +145,8 @@ class LedgerEntry(SQLModel, table=True):
 
     See :mod:`meshca.store.chain` for how ``row_hash`` is computed. ``certificate_pem``
     is the issued leaf, kept so that a retry carrying the same ``request_id`` gets the
-    same certificate back.
+    same certificate back. ``agent_spiffe_id`` and ``node_name`` are set when a node
+    agent asked on the workload's behalf: who asked, and on which node (revision 0006).
     """
 
     __tablename__ = "ledger"
@@ -175,6 +176,12 @@ class LedgerEntry(SQLModel, table=True):
     certificate_pem: str = Field(sa_column=_text("certificate_pem"))
     issued_at: datetime = Field(sa_column=_when("issued_at"))
     prev_hash: str = Field(sa_column=_hex("prev_hash"))
+    agent_spiffe_id: str | None = Field(
+        default=None, sa_column=_text("agent_spiffe_id", nullable=True)
+    )
+    node_name: str | None = Field(
+        default=None, sa_column=Column("node_name", String(253), nullable=True)
+    )
     row_hash: str = Field(sa_column=_hex("row_hash"))
 
 

@@ -18,14 +18,15 @@ import aiohttp
 import grpc
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, insert, inspect, select, text, update
 
 from meshca.agent.credential_sources import GceMetadataServer
 from meshca.authn.base import Credential, Peer
 from meshca.authn.gce import GceAuthenticator, token_digest
 from meshca.config import load_settings
 from meshca.server import RunningServer, start_server
-from meshca.store import Store
+from meshca.store import GENESIS_HASH, LedgerEntry, LedgerHead, Store
+from meshca.store.chain import DELEGATION_COLUMNS
 from meshca.store.migrate import alembic_config, head_revision
 from meshca.store.models import UsedToken
 from tests.fakes.gce import (
@@ -138,11 +139,17 @@ def test_a_database_at_revision_0001_is_upgraded_keeping_its_ledger(tmp_path: Pa
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "0001")
         assert "used_tokens" not in inspect(engine).get_table_names()
+        row = issuance(1).to_row(1, GENESIS_HASH)
+        columns = {  # the ledger as revision 0001 had it (today's has more columns)
+            k: v for k, v in row.columns().items() if k not in DELEGATION_COLUMNS
+        }
+        with engine.begin() as conn:
+            conn.execute(insert(LedgerEntry.__table__).values(**columns))  # type: ignore[arg-type]
+            conn.execute(
+                update(LedgerHead.__table__).values(last_sequence=1, last_hash=row.row_hash)  # type: ignore[arg-type]
+            )
     finally:
         engine.dispose()
-    old = Store(url)
-    old.append_issuance(issuance(1))
-    old.close()
     store = Store.open(url)
     try:
         assert store.current_revision() == head_revision()

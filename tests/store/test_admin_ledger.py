@@ -135,6 +135,8 @@ def test_list_json_fields_and_table(store: Store, database_url: str) -> None:
         "intermediate_fingerprint": row.intermediate_fingerprint,
         "request_id": None,
         "csr_sha256": row.csr_sha256,
+        "agent_spiffe_id": None,
+        "node_name": None,
         "row_hash": row.row_hash,
     }
     table = run(database_url, "list")
