@@ -42,7 +42,7 @@ from meshca.config_problems import YamlSource, describe, syntax_error
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
-from meshca.spiffe import TrustDomain
+from meshca.spiffe import SpiffeId, TrustDomain
 
 Duration = Annotated[
     timedelta,
@@ -286,6 +286,109 @@ class BundleConfigMapConfig(_Strict):
         return self
 
 
+_NAME_SEGMENT = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+"""A Kubernetes namespace or service-account name (an RFC 1123 subdomain)."""
+
+
+class Delegation(_Strict):
+    """An agent outside Kubernetes (one per VM, serving several workloads) that may obtain
+    the listed identities: nothing can be looked up about a VM, so the list is the rule."""
+
+    agent: str
+    """The agent's own SPIFFE ID, exactly (what its credential proves: a join token, a
+    GCE rule, its SVID)."""
+    spiffe_ids: list[str] = Field(min_length=1)
+    """The SPIFFE IDs it may ask for, exactly."""
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, value: str) -> str:
+        return _spiffe_id_text("agent", value)
+
+    @field_validator("spiffe_ids")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        return [_spiffe_id_text("spiffe_ids", v) for v in value]
+
+
+def _spiffe_id_text(what: str, value: str) -> str:
+    try:
+        sid = SpiffeId.parse(value)
+    except SpiffeIdError as exc:
+        raise ValueError(f"{what} {value!r}: {exc}") from None
+    if sid.is_trust_domain_id:
+        raise ValueError(f"{what} {value!r} names a trust domain, not a workload")
+    return str(sid)
+
+
+class NodeAgentsConfig(_Strict):
+    """Node agents: the service accounts whose agents (one per Kubernetes node) may obtain
+    the identities of the pods on their own node, and agents outside Kubernetes with a
+    fixed list of identities (``delegations``). Empty (the default): nobody may ask for
+    an identity other than its own."""
+
+    service_accounts: list[str] = Field(default_factory=list)
+    """``namespace/name`` of each node agent's service account, e.g.
+    ``meshca-system/meshca-agent``."""
+    cluster_id: str | None = None
+    """The cluster whose tokens those service accounts present (and whose API server is
+    asked about pods); default: ``default_cluster``, or the only cluster."""
+    api_server: str | None = None
+    """The API server asked about pods; default: in-cluster (KUBERNETES_SERVICE_HOST)."""
+    ca_file: Path = SERVICE_ACCOUNT_DIR / "ca.crt"
+    """PEM bundle that verifies the API server's TLS certificate."""
+    credentials_file: Path = SERVICE_ACCOUNT_DIR / "token"
+    """The bearer token meshca presents to read pods (re-read every minute)."""
+    pod_cache_ttl: Duration = timedelta(seconds=5)
+    """How long the list of a node's pods answers before it is fetched again; a pod
+    deleted meanwhile is refused once this has passed."""
+    min_refresh_interval: Duration = timedelta(seconds=1)
+    """A pod missing from a node's list fetches it again at most this often (a pod just
+    scheduled is found without waiting for the TTL; a flood of misses costs one call)."""
+    timeout: Duration = timedelta(seconds=5)
+    """Per API call."""
+    delegations: list[Delegation] = Field(default_factory=list)
+
+    @field_validator("service_accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        for account in value:
+            namespace, sep, name = account.partition("/")
+            if (
+                not sep
+                or not _NAME_SEGMENT.fullmatch(namespace)
+                or not _NAME_SEGMENT.fullmatch(name)
+            ):
+                raise ValueError(
+                    f"node agent service account {account!r} must be NAMESPACE/NAME, e.g. "
+                    "meshca-system/meshca-agent"
+                )
+        return list(dict.fromkeys(value))
+
+    @field_validator("api_server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"api_server {value!r} must be an http(s) URL")
+        return value.rstrip("/") if value is not None else None
+
+    @model_validator(mode="after")
+    def _timing(self) -> NodeAgentsConfig:
+        for name in ("pod_cache_ttl", "min_refresh_interval", "timeout"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"node_agents.{name} must be positive")
+        if self.min_refresh_interval > self.pod_cache_ttl:
+            raise ValueError("node_agents.min_refresh_interval cannot exceed pod_cache_ttl")
+        agents = [d.agent for d in self.delegations]
+        if len(agents) != len(set(agents)):
+            raise ValueError("node_agents.delegations names an agent twice; list it once")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.service_accounts or self.delegations)
+
+
 def _signer_kind(value: object) -> str:
     """The signer's ``kind`` tag; a signer section without one means ``file``."""
     if isinstance(value, dict):
@@ -436,6 +539,8 @@ class Settings(FileSettings):
     """Identity mapping rules for GCE VMs, first match wins."""
     bundle_configmap: BundleConfigMapConfig = Field(default_factory=BundleConfigMapConfig)
     """Trust bundle ConfigMap in every namespace (off unless ``enabled``)."""
+    node_agents: NodeAgentsConfig = Field(default_factory=NodeAgentsConfig)
+    """Agents that may obtain other workloads' identities (node mode); none by default."""
     grpc_handshake_timeout: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=10)
     """A connection that has not completed its TLS handshake by then is closed."""
     grpc_max_connection_age: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(minutes=30)
@@ -569,7 +674,34 @@ class Settings(FileSettings):
         if self.default_cluster is not None and self.default_cluster not in ids:
             raise ValueError(f"default_cluster {self.default_cluster!r} is not among {ids}")
         self._check_gce()
+        self._check_node_agents(ids)
         return self
+
+    def _check_node_agents(self, cluster_ids: list[str]) -> None:
+        agents = self.node_agents
+        for delegation in agents.delegations:
+            for text in (delegation.agent, *delegation.spiffe_ids):
+                if not text.startswith(f"spiffe://{self.trust_domain}/"):
+                    raise ValueError(
+                        f"node_agents.delegations: {text} is not in trust domain "
+                        f"{self.trust_domain}"
+                    )
+        if not agents.service_accounts:
+            return
+        cluster = self.node_agents_cluster
+        if cluster is None:
+            raise ValueError(
+                "node_agents.service_accounts needs a Kubernetes cluster whose tokens the "
+                "agents present: configure one (clusters, or --k8s-* flags)"
+                if not cluster_ids
+                else "node_agents.cluster_id must name the agents' cluster: several clusters "
+                f"are configured ({', '.join(cluster_ids)}) and no default_cluster"
+            )
+        if cluster not in cluster_ids:
+            raise ValueError(
+                f"node_agents.cluster_id {cluster!r} is not among the clusters "
+                f"({', '.join(cluster_ids) or 'none'})"
+            )
 
     def _check_gce(self) -> None:
         if not self.gce_projects:
@@ -630,6 +762,17 @@ class Settings(FileSettings):
                 )
             )
         return clusters
+
+    @property
+    def node_agents_cluster(self) -> str | None:
+        """The cluster the node agents' tokens come from: configured, the default
+        cluster, or the only one; None when that cannot be told."""
+        if self.node_agents.cluster_id is not None:
+            return self.node_agents.cluster_id
+        if self.default_cluster is not None:
+            return self.default_cluster
+        clusters = self.effective_clusters
+        return clusters[0].cluster_id if len(clusters) == 1 else None
 
     @property
     def trust_domain_value(self) -> TrustDomain:

@@ -44,6 +44,7 @@ from meshca.authn.k8s import KubernetesAuthenticator
 from meshca.authn.svid import CallerAuthenticator, SvidAuthenticator
 from meshca.ca.authority import Authority, IntermediateSettings, utcnow
 from meshca.ca.issuing_keys import HsmKeys, MemoryKeys
+from meshca.ca.node_authz import NodeAuthorizer
 from meshca.ca.policy import IssuancePolicy
 from meshca.ca.roots import load_active_root, open_root_signer
 from meshca.ca.roots import signer_config_for as open_root_config
@@ -125,6 +126,7 @@ class RunningServer:
     metrics: CAMetrics
     issuer_watch: IssuerWatch = field(default_factory=lambda: IssuerWatch(()))
     bundle_writer: BundleWriter | None = None
+    node_authorizer: NodeAuthorizer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def status_line(self) -> str:
@@ -218,6 +220,8 @@ class RunningServer:
         await self.grpc_server.stop(grace)
         await self.http_runner.cleanup()
         await self.authenticator.close()
+        if self.node_authorizer is not None:
+            await self.node_authorizer.close()
         await self.authority.close()
         try:
             await asyncio.to_thread(self.store.retire_intermediates, self.authority.owner, utcnow())
@@ -251,6 +255,37 @@ def build_gce_authenticator(settings: Settings, ledger: TokenLedger) -> GceAuthe
         ", ".join(gce.projects),
     )
     return GceAuthenticator(settings.trust_domain_value, gce, ledger)
+
+
+def build_node_authorizer(settings: Settings) -> NodeAuthorizer | None:
+    """Node authorization, when ``node_agents`` lists agents that may act for others."""
+    config = settings.node_agents
+    if not config.enabled:
+        return None
+    pods = None
+    cluster = settings.node_agents_cluster
+    if config.service_accounts:
+        # Imported only when node agents are set: the Kubernetes client is large.
+        from meshca.kube.client import api_client
+        from meshca.kube.pods import PodDirectory
+
+        pods = PodDirectory(
+            api_client(config, "node_agents"),
+            ttl=config.pod_cache_ttl,
+            min_refresh=config.min_refresh_interval,
+            timeout=config.timeout,
+        )
+        log.info(
+            "node agents %s (cluster %s) may obtain the identities of pods on their node",
+            ", ".join(config.service_accounts),
+            cluster,
+        )
+    if config.delegations:
+        log.info(
+            "agents %s may obtain the identities node_agents.delegations lists",
+            ", ".join(d.agent for d in config.delegations),
+        )
+    return NodeAuthorizer(settings.trust_domain_value, config, cluster_id=cluster, pods=pods)
 
 
 def _load_root(settings: Settings, store: Store, signer: Signer) -> RootRecord:
@@ -378,6 +413,9 @@ async def _start(
         join=JoinTokenAuthenticator(authority.trust_domain, store),
     )
     undo.push_async_callback(authenticator.close)
+    node_authorizer = build_node_authorizer(settings)
+    if node_authorizer is not None:
+        undo.push_async_callback(node_authorizer.close)
     issuers: list[Issuer] = []
     for part in (token_authenticator, gce_authenticator):
         if isinstance(part, KubernetesAuthenticator | GceAuthenticator):
@@ -399,7 +437,10 @@ async def _start(
             per_identity=settings.rate_limit_per_identity,
         )
     )
-    add_services(grpc_server, CertificateFrontend(authority, authenticator, metrics, admission))
+    frontend = CertificateFrontend(
+        authority, authenticator, metrics, admission, node_authorizer=node_authorizer
+    )
+    add_services(grpc_server, frontend)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
 
@@ -486,6 +527,7 @@ async def _start(
         metrics=metrics,
         issuer_watch=issuer_watch,
         bundle_writer=_start_bundle_writer(settings, authority, undo),
+        node_authorizer=node_authorizer,
     )
     running._tasks.append(asyncio.create_task(running._maintain()))
     return running

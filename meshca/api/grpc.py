@@ -7,6 +7,8 @@ This module is the only place where meshca errors become gRPC status codes:
     a body protobuf cannot decode,
     an invalid Duration, a bad request_id -> INVALID_ARGUMENT (checked before authentication)
     PolicyError (request_id reused)     -> ALREADY_EXISTS
+    PolicyError (pod_lookup_unavailable) -> UNAVAILABLE (node authorization could not ask
+                                           the Kubernetes API; the caller may retry)
     PolicyError (anything else)         -> PERMISSION_DENIED
     CSRError (identity mismatch)        -> PERMISSION_DENIED
     CSRError (anything else)            -> INVALID_ARGUMENT
@@ -50,6 +52,7 @@ from meshca.api.wire import (
 )
 from meshca.authn.base import Attestation, Authenticator, Credential, Peer
 from meshca.ca.authority import Authority, IssueRequest
+from meshca.ca.node_authz import ISTIO_METADATA_KEY, MESHCA_HEADER, NodeAuthorizer
 from meshca.errors import (
     AuthenticationError,
     CSRError,
@@ -116,6 +119,8 @@ def status_for(error: MeshcaError) -> grpc.StatusCode:
     if isinstance(error, PolicyError):
         if error.reason == "request_id_reused":
             return grpc.StatusCode.ALREADY_EXISTS
+        if error.reason.endswith("_unavailable"):  # the Kubernetes API, not the caller
+            return grpc.StatusCode.UNAVAILABLE
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, CSRError):
         if error.reason in _PERMISSION_REASONS:
@@ -144,6 +149,11 @@ def caller_message(error: MeshcaError) -> str:
     if isinstance(error, AuthenticationError) and error.reason.endswith("_unavailable"):
         return (
             "the CA cannot verify tokens right now (the token issuer is unreachable); retry later"
+        )
+    if isinstance(error, PolicyError) and error.reason.endswith("_unavailable"):
+        return (
+            "the CA cannot check the node's pods right now (the Kubernetes API is "
+            "unreachable); retry later"
         )
     return error.message
 
@@ -205,9 +215,19 @@ def credential_from_metadata(metadata: Sequence[tuple[str, str | bytes]]) -> Cre
     return Credential(bearer_token=token, cluster_id=cluster)
 
 
+def impersonation_headers(metadata: Sequence[tuple[str, str | bytes]]) -> list[str]:
+    """The values of the ``meshca-impersonated-identity`` header (the MeshCA API's way of
+    naming the identity a node agent asks for)."""
+    return [
+        value.strip()
+        for key, value in metadata
+        if key.lower() == MESHCA_HEADER and isinstance(value, str)
+    ]
+
+
 class CertificateFrontend:
-    """What both gRPC services share: admission, authentication, issuance, metrics, and
-    the mapping of every refusal to a status code."""
+    """What both gRPC services share: admission, authentication, node authorization,
+    issuance, metrics, and the mapping of every refusal to a status code."""
 
     def __init__(
         self,
@@ -215,19 +235,25 @@ class CertificateFrontend:
         authenticator: Authenticator,
         metrics: CAMetrics,
         admission: Admission | None = None,
+        *,
+        node_authorizer: NodeAuthorizer | None = None,
     ) -> None:
         self.authority = authority
         self.authenticator = authenticator
         self.metrics = metrics
         self.admission = admission or Admission(AdmissionLimits())
+        self.node_authorizer = node_authorizer
 
     async def create(
         self,
         api: str,
         request: IssueRequest,
         context: aio.ServicerContext[object, object],
+        *,
+        impersonate: str | None = None,
     ) -> tuple[str, ...]:
-        """Issue for the calling peer, or abort the RPC with the mapped status code."""
+        """Issue for the calling peer (or, with ``impersonate``, for the workload a node
+        agent names), or abort the RPC with the mapped status code."""
         started = time.perf_counter()
         peer = Peer(address=peer_address(context))
         try:
@@ -245,6 +271,8 @@ class CertificateFrontend:
                     peer = Peer(address=peer.address, certificates=peer_certificates(context))
                     attestation = await self._authenticate(peer, context, request.csr)
                     self.admission.check_identity(str(attestation.spiffe_id))
+                    if impersonate is not None:
+                        attestation = await self._delegate(attestation, impersonate)
                     issued = await self.authority.issue(request, attestation, peer)
         except TimeoutError:
             await self._refuse(
@@ -323,6 +351,16 @@ class CertificateFrontend:
         code = grpc.StatusCode.INVALID_ARGUMENT
         await self._refuse(api, peer, time.perf_counter(), context, reason, code, message)
 
+    async def _delegate(self, agent: Attestation, requested: str) -> Attestation:
+        if self.node_authorizer is None:
+            raise PolicyError(
+                f"{agent.spiffe_id} asked to impersonate {requested[:120]!r}, but this CA "
+                "lets no agent obtain identities other than its own (node_agents is not "
+                "configured); each workload must present its own credential",
+                reason="impersonation_not_enabled",
+            )
+        return await self.node_authorizer.authorize(agent, requested)
+
     async def _authenticate(
         self, peer: Peer, context: aio.ServicerContext[object, object], csr: bytes | str
     ) -> Attestation:
@@ -373,20 +411,45 @@ class IstioCertificateService(istioca_pb2_grpc.IstioCertificateServiceServicer):
             await self._frontend.refuse_request(
                 self.API, context, "undecodable_request", request.message
             )
-        if request.HasField("metadata") and "ImpersonatedIdentity" in request.metadata.fields:
-            self._frontend.metrics.refused.labels(self.API, "impersonation").inc()
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "impersonated identities are not supported: each workload must present "
-                "its own credential",
-            )
+        impersonate = await self._impersonation(request, context)
         # Zero or negative means "the default", as in Istio's CA (security/pkg/pki/ca).
         seconds = min(request.validity_duration, MAX_VALIDITY_SECONDS)
         ttl = timedelta(seconds=seconds) if seconds > 0 else None
         chain = await self._frontend.create(
-            self.API, IssueRequest(csr=request.csr, requested_ttl=ttl), context
+            self.API,
+            IssueRequest(csr=request.csr, requested_ttl=ttl),
+            context,
+            impersonate=impersonate,
         )
         return istioca_pb2.IstioCertificateResponse(cert_chain=list(chain))
+
+    async def _impersonation(
+        self,
+        request: istioca_pb2.IstioCertificateRequest,
+        context: aio.ServicerContext[object, object],
+    ) -> str | None:
+        """The identity a node agent asks for: ``metadata.ImpersonatedIdentity`` (a string,
+        as Istio's ztunnel sends it), or None."""
+        if impersonation_headers(tuple(context.invocation_metadata() or ())):
+            await self._frontend.refuse_request(
+                self.API,
+                context,
+                "impersonation_header_on_istio_api",
+                f"the Istio API names the identity asked for in the request metadata's "
+                f"{ISTIO_METADATA_KEY} field, not in the {MESHCA_HEADER} header",
+            )
+        if not request.HasField("metadata") or ISTIO_METADATA_KEY not in request.metadata.fields:
+            return None
+        value = request.metadata.fields[ISTIO_METADATA_KEY]
+        if value.WhichOneof("kind") != "string_value" or not value.string_value.strip():
+            await self._frontend.refuse_request(
+                self.API,
+                context,
+                "invalid_impersonated_identity",
+                f"metadata.{ISTIO_METADATA_KEY} must be a SPIFFE ID as a string",
+            )
+        text: str = value.string_value.strip()
+        return text
 
 
 class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  # type: ignore[misc]
@@ -428,10 +491,19 @@ class MeshCertificateService(meshca_pb2_grpc.MeshCertificateServiceServicer):  #
                     "duration, or no validity for the CA's default",
                 )
             ttl = min(ttl, timedelta(seconds=MAX_VALIDITY_SECONDS))
+        headers = impersonation_headers(tuple(context.invocation_metadata() or ()))
+        if len(headers) > 1 or (headers and not headers[0]):
+            await frontend.refuse_request(
+                self.API,
+                context,
+                "invalid_impersonated_identity",
+                f"send at most one {MESHCA_HEADER} header, holding one SPIFFE ID",
+            )
         chain = await self._frontend.create(
             self.API,
             IssueRequest(csr=request.csr, requested_ttl=ttl, request_id=request_id),
             context,
+            impersonate=headers[0] if headers else None,
         )
         return meshca_pb2.MeshCertificateResponse(cert_chain=list(chain))
 

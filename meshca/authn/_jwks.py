@@ -60,6 +60,9 @@ class ServiceAccountIdentity:
     pod_name: str | None = None
     pod_uid: str | None = None
     expires_at: datetime | None = None
+    node_name: str | None = None
+    """The node of the pod the token is bound to, when the issuer says (Kubernetes 1.30+:
+    the ``kubernetes.io.node`` claim, the ``node-name`` TokenReview extra)."""
 
 
 def parse_service_account_username(username: str) -> tuple[str, str] | None:
@@ -413,6 +416,7 @@ def _identity_from_claims(claims: dict[str, object]) -> ServiceAccountIdentity:
         )
     pod = json_object(k8s.get("pod")) or {}
     pod_name, pod_uid = pod.get("name"), pod.get("uid")
+    node_name = (json_object(k8s.get("node")) or {}).get("name")
     expires_at = epoch_to_datetime(claims.get("exp"))
     if expires_at is None:
         raise _refusal("malformed_token", "the token's exp is not a usable NumericDate")
@@ -422,4 +426,5 @@ def _identity_from_claims(claims: dict[str, object]) -> ServiceAccountIdentity:
         pod_name=pod_name if isinstance(pod_name, str) and pod_name else None,
         pod_uid=pod_uid if isinstance(pod_uid, str) and pod_uid else None,
         expires_at=expires_at,
+        node_name=node_name if isinstance(node_name, str) and node_name else None,
     )

@@ -8,7 +8,8 @@ intersects the audiences asked for (the API reference: a client that sets
 in the status.audiences field to ensure that the TokenReview server is audience
 aware"), the user is in the ``system:serviceaccounts`` group, and the user name is
 ``system:serviceaccount:<ns>:<sa>``. Pod binding comes from ``status.user.extra``
-(``authentication.kubernetes.io/pod-name`` and ``pod-uid``).
+(``authentication.kubernetes.io/pod-name`` and ``pod-uid``, and ``node-name`` from
+Kubernetes 1.30).
 
 Positive answers are cached, keyed by the SHA-256 of the token, until the earlier of
 the token's own ``exp`` and ``cache_ttl``. Refusals are never cached.
@@ -41,6 +42,7 @@ TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 _MAX_ERROR_TEXT = 200
 PROBE_TOKEN = "meshca-readiness-probe"
 """Not a JWT: no API server can authenticate it."""
@@ -204,4 +206,5 @@ class TokenReviewer:
             pod_name=_single(extra, POD_NAME_EXTRA),
             pod_uid=_single(extra, POD_UID_EXTRA),
             expires_at=unverified_expiry(token),
+            node_name=_single(extra, NODE_NAME_EXTRA),
         )

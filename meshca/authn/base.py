@@ -57,12 +57,25 @@ class Attestation:
     ``selectors`` are ``kind:name:value`` strings (``k8s:ns:default``,
     ``k8s:pod-uid:...``, ``gce:project-id:p``) describing the evidence; ``expires_at`` is
     when the credential itself stops being valid (timezone-aware, UTC), if known.
+
+    ``delegated_by`` is set when a node agent proved its own identity and was allowed to
+    obtain ``spiffe_id`` for a workload it serves (:mod:`meshca.ca.node_authz`); ``node``
+    is then the Kubernetes node both run on (None for an agent outside Kubernetes).
     """
 
     spiffe_id: SpiffeId
     method: AuthMethod
     selectors: tuple[str, ...] = ()
     expires_at: datetime | None = None
+    delegated_by: SpiffeId | None = None
+    node: str | None = None
+
+    def selector(self, kind: str) -> str | None:
+        """The value of the one selector ``kind:...`` (e.g. ``k8s:pod-uid``); None when
+        there is none or more than one."""
+        prefix = kind + ":"
+        values = [s[len(prefix) :] for s in self.selectors if s.startswith(prefix)]
+        return values[0] if len(values) == 1 else None
 
     def evidence_summary(self, limit: int = 1024) -> str:
         """Selectors joined for the ledger, truncated to ``limit`` characters."""

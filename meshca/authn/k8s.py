@@ -11,7 +11,7 @@ configured cluster validates tokens one of two ways:
 Either way the result is the Kubernetes-style SPIFFE ID
 ``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`` with selectors
 ``k8s:cluster:``, ``k8s:ns:``, ``k8s:sa:`` and, when the token is bound to a pod,
-``k8s:pod-name:`` and ``k8s:pod-uid:``.
+``k8s:pod-name:``, ``k8s:pod-uid:`` and (when the issuer names it) ``k8s:node-name:``.
 
 Reason codes raised (``AuthenticationError.reason``): ``unknown_cluster``,
 ``missing_token``, ``token_too_large``, ``malformed_token``, ``invalid_identity``;
@@ -52,7 +52,8 @@ _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 """One SPIFFE ID path segment (SPIFFE-ID spec, section 2.2)."""
 
 _SELECTOR_VALUE = re.compile(r"[A-Za-z0-9._:-]{1,253}")
-"""Pod names (RFC 1123 subdomains) and UIDs; anything else is left out of the selectors."""
+"""Pod and node names (RFC 1123 subdomains) and UIDs; anything else is left out of the
+selectors."""
 
 
 class _Validator(Protocol):
@@ -199,7 +200,11 @@ class KubernetesAuthenticator:
             f"k8s:ns:{identity.namespace}",
             f"k8s:sa:{identity.service_account}",
         ]
-        for kind, value in (("pod-name", identity.pod_name), ("pod-uid", identity.pod_uid)):
+        for kind, value in (
+            ("pod-name", identity.pod_name),
+            ("pod-uid", identity.pod_uid),
+            ("node-name", identity.node_name),
+        ):
             if value is None:
                 continue
             if _SELECTOR_VALUE.fullmatch(value):

@@ -433,6 +433,8 @@ class Authority:
                 peer_address=peer.address,
                 request_id=request.request_id,
                 csr_digest=digest,
+                agent_spiffe_id=attestation.delegated_by,
+                node_name=attestation.node,
             )
         except StoreError as exc:
             # Two concurrent retries of one request: the loser answers with the winner's row.
@@ -522,6 +524,8 @@ class Authority:
         request_id: str | None,
         csr_digest: str | None,
         dns_names: Sequence[str] = (),
+        agent_spiffe_id: SpiffeId | None = None,
+        node_name: str | None = None,
     ) -> IssuedCertificate:
         ca = await self.issuing_ca()
         now = self._clock()
@@ -557,6 +561,8 @@ class Authority:
             issued_at=now,
             request_id=request_id,
             csr_sha256=csr_digest,
+            agent_spiffe_id=str(agent_spiffe_id) if agent_spiffe_id is not None else None,
+            node_name=node_name,
         )
         row = await self._ledger.append(entry)  # a failed write is logged there, once
         chain = (leaf_pem, *ca.chain_tail)

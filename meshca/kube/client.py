@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
+from typing import Protocol
 
 from kubernetes.aio.client import ApiClient, Configuration
 
@@ -19,16 +21,30 @@ from meshca.errors import ConfigError
 TOKEN_REREAD_SECONDS = 60.0
 
 
-def api_server_url(config: BundleConfigMapConfig) -> str:
-    """``api_server``, or the in-cluster URL; ConfigError when neither is known."""
+class ApiAccess(Protocol):
+    """Where a settings section says the API server is, and how to trust and call it."""
+
+    @property
+    def api_server(self) -> str | None: ...
+
+    @property
+    def ca_file(self) -> Path: ...
+
+    @property
+    def credentials_file(self) -> Path: ...
+
+
+def api_server_url(config: ApiAccess, section: str = "bundle_configmap") -> str:
+    """``api_server``, or the in-cluster URL; ConfigError (naming the settings
+    ``section``) when neither is known."""
     if config.api_server is not None:
         return config.api_server
     host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
     port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
     if not host or not port:
         raise ConfigError(
-            "bundle_configmap: not running in a Kubernetes pod (KUBERNETES_SERVICE_HOST and "
-            "KUBERNETES_SERVICE_PORT are not set); set bundle_configmap.api_server"
+            f"{section}: not running in a Kubernetes pod (KUBERNETES_SERVICE_HOST and "
+            f"KUBERNETES_SERVICE_PORT are not set); set {section}.api_server"
         )
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
@@ -53,8 +69,9 @@ def lease_namespace(config: BundleConfigMapConfig) -> str:
 class _Token:
     """Keeps the bearer token fresh in ``configuration`` (read at most once a minute)."""
 
-    def __init__(self, config: BundleConfigMapConfig) -> None:
+    def __init__(self, config: ApiAccess, section: str) -> None:
         self._path = config.credentials_file
+        self._section = section
         self._read_at = float("-inf")
 
     def read(self) -> str:
@@ -62,10 +79,10 @@ class _Token:
             token = self._path.read_text().strip()
         except OSError as exc:
             raise ConfigError(
-                f"bundle_configmap: cannot read the API token {self._path}: {exc.strerror}"
+                f"{self._section}: cannot read the API token {self._path}: {exc.strerror}"
             ) from exc
         if not token:
-            raise ConfigError(f"bundle_configmap: the API token file {self._path} is empty")
+            raise ConfigError(f"{self._section}: the API token file {self._path} is empty")
         self._read_at = time.monotonic()
         return token
 
@@ -79,18 +96,18 @@ class _Token:
         configuration.api_key["BearerToken"] = token
 
 
-def api_client(config: BundleConfigMapConfig) -> ApiClient:
+def api_client(config: ApiAccess, section: str = "bundle_configmap") -> ApiClient:
     """An API client for ``config``; raises ConfigError naming what is missing."""
-    url = api_server_url(config)
+    url = api_server_url(config, section)
     ca_file = None
     if url.startswith("https://"):
         if not config.ca_file.is_file():
             raise ConfigError(
-                f"bundle_configmap: ca_file {config.ca_file} does not exist; it verifies the "
+                f"{section}: ca_file {config.ca_file} does not exist; it verifies the "
                 "API server's certificate"
             )
         ca_file = str(config.ca_file)
-    token = _Token(config)
+    token = _Token(config, section)
     configuration = Configuration(host=url, ssl_ca_cert=ca_file)
     configuration.api_key = {"BearerToken": token.read()}
     configuration.api_key_prefix = {"BearerToken": "Bearer"}

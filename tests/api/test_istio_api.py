@@ -156,6 +156,10 @@ async def test_impersonation_metadata_is_refused(ca: CA) -> None:
         )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "impersonat" in (info.value.details() or "")
+    assert "node_agents is not configured" in (info.value.details() or "")
+    _, metrics = await ca.get("/metrics")
+    reason = 'reason="impersonation_not_enabled"'
+    assert f'meshca_requests_refused_total{{api="istio",{reason}}} 1.0' in metrics
 
 
 async def test_metrics_count_issuance_and_expose_expiry(ca: CA) -> None:
