@@ -119,6 +119,11 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def children(root: int) -> list[int]:
+    """Every descendant of ``root`` (not ``root`` itself)."""
+    return process_tree(root)[1:]
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (e.g. a server and its worker processes)."""
     children: dict[int, list[int]] = {}
@@ -133,6 +138,18 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, ()))
     return tree
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid``'s children that have ended and been waited for (cutime +
+    cstime): what a server's short-lived processes cost after they are gone."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS if fields is not None else 0.0
 
 
 def rss_bytes(pids: Sequence[int]) -> int:

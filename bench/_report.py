@@ -79,6 +79,11 @@ class ServerRun:
     processes: int
     root_key: str = "-"
     """Where the CA's root key is (meshca: the ``--signer`` backend and issuing keys)."""
+    database: str = "-"
+    """Where the server records what it issues (meshca's ledger, cfssl's certdb)."""
+    database_cpu_cores: float | None = None
+    """CPU of the PostgreSQL server during the window (all of it: other users' work on
+    the same server included)."""
     kms_calls_window: dict[str, int] | None = None
     """KMS emulator RPCs by method during the window (None: no KMS in this run)."""
     kms_calls_total: dict[str, int] | None = None
@@ -90,8 +95,18 @@ class ServerRun:
         """Server CPU time per certificate: steadier than certs/s on a shared machine."""
         return self.server_cpu_cores * 1000 / self.certs_per_s if self.certs_per_s else 0.0
 
+    @property
+    def database_cpu_ms_per_cert(self) -> float | None:
+        if self.database_cpu_cores is None or not self.certs_per_s:
+            return None
+        return self.database_cpu_cores * 1000 / self.certs_per_s
+
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "cpu_ms_per_cert": self.cpu_ms_per_cert}
+        return {
+            **asdict(self),
+            "cpu_ms_per_cert": self.cpu_ms_per_cert,
+            "database_cpu_ms_per_cert": self.database_cpu_ms_per_cert,
+        }
 
 
 def _first(path: str, key: str) -> str:
@@ -169,6 +184,9 @@ def _cell(run: ServerRun | None, what: str) -> str:
         "processes": f"{run.processes}",
         "server cpu": f"{run.server_cpu_cores:.2f}",
         "cpu per cert": f"{run.cpu_ms_per_cert:.2f}" if run.certs else "-",
+        "db cpu per cert": (
+            "-" if run.database_cpu_ms_per_cert is None else f"{run.database_cpu_ms_per_cert:.2f}"
+        ),
         "client cpu": " + ".join(f"{c:.2f}" for c in run.client_cpu_cores) or "-",
         "other cpu": f"{run.other_cpu_cores:.2f}",
         "connections": f"{run.connections_seen}"
@@ -179,6 +197,7 @@ def _cell(run: ServerRun | None, what: str) -> str:
         ),
         "check": run.sample_check,
         "root": run.root_key,
+        "database": run.database,
         "kms window": kms_calls(run.kms_calls_window),
     }
     return cells[what]
@@ -197,6 +216,7 @@ def kms_calls(calls: dict[str, int] | None) -> str:
 ROWS = (
     ("endpoint", "endpoint"),
     ("root key", "root"),
+    ("records issuance in", "database"),
     ("requests completed in window", "requests"),
     ("certificates issued", "certs"),
     ("certs/s", "certs/s"),
@@ -210,6 +230,7 @@ ROWS = (
     ("server processes (incl. helpers)", "processes"),
     ("server CPU (cores busy)", "server cpu"),
     ("server CPU per certificate (ms)", "cpu per cert"),
+    ("PostgreSQL server CPU per cert (ms)", "db cpu per cert"),
     ("load-generator CPU (cores)", "client cpu"),
     ("other processes' CPU (cores)", "other cpu"),
     ("TCP connections seen", "connections"),
@@ -218,10 +239,16 @@ ROWS = (
 )
 
 
+RATIO_NOTES = {
+    "grpc floor / cfssl": "no CA served by grpcio in Python exceeds this here",
+    "grpc + sign / cfssl": "cfssl's own work, in Python behind grpcio",
+}
+
+
 def render(report: dict[str, Any], runs: Sequence[ServerRun | None]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
-        "issuance throughput: meshca vs cfssl",
+        "issuance throughput: meshca vs cfssl (with and without its certificate database)",
         f"command   : {report['command']}",
         f"date      : {report['date']}",
         f"machine   : {m['nproc']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, "
@@ -242,23 +269,26 @@ def render(report: dict[str, Any], runs: Sequence[ServerRun | None]) -> str:
     rows = [(label, key) for label, key in ROWS if has_kms or not key.startswith("kms")]
     width = max(len(label) for label, _ in rows)
     names = [r.name if r is not None else "-" for r in runs]
-    col = 2 + max(20, *(len(n) for n in names), *(len(_cell(r, k)) for r in runs for _, k in rows))
-    lines.append(f"{'':<{width}}  " + "".join(f"{n:<{col}}" for n in names))
-    for label, key in rows:
-        lines.append(f"{label:<{width}}  " + "".join(f"{_cell(r, key):<{col}}" for r in runs))
-    if report.get("ratio") is not None:
-        lines += ["", f"meshca/cfssl certs/s: {report['ratio']:.3f}"]
-    ratios = report.get("floor_ratios") or {}
-    if "none" in ratios:
+    # Each column as wide as its own longest cell (long cells are cut at 40 characters).
+    cells = [[_cell(r, k)[:40] for _, k in rows] for r in runs]
+    cols = [
+        2 + max(12, len(n), *(len(c) for c in column))
+        for n, column in zip(names, cells, strict=True)
+    ]
+    lines.append(
+        f"{'':<{width}}  " + "".join(f"{n:<{c}}" for n, c in zip(names, cols, strict=True))
+    )
+    for i, (label, _) in enumerate(rows):
         lines.append(
-            f"grpc floor/cfssl answers/s: {ratios['none']:.3f} (no CA served by grpcio in "
-            "Python exceeds this here)"
+            f"{label:<{width}}  "
+            + "".join(f"{column[i]:<{c}}" for column, c in zip(cells, cols, strict=True))
         )
-    if "sign" in ratios:
-        lines.append(
-            f"grpc + sign/cfssl certs/s: {ratios['sign']:.3f} (cfssl's own work, in Python "
-            "behind grpcio)"
-        )
+    ratios: dict[str, float] = report.get("ratios") or {}
+    if ratios:
+        lines += ["", "certs/s ratios (same run):"]
+        for pair, value in ratios.items():
+            why = RATIO_NOTES.get(pair)
+            lines.append(f"  {pair:<48} {value:6.3f}" + (f"  ({why})" if why else ""))
     notes = [n for r in runs if r is not None for n in (f"{r.name}: {x}" for x in r.notes)]
     notes += report.get("notes", [])
     if notes:

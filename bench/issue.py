@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -51,6 +52,16 @@ from typing import Any
 from _args import duration, positive
 from _backends import RootBackend, open_backend
 from _checks import intermediate_rows, ledger_rows, uri_sans, verify_cfssl, verify_meshca
+from _databases import (
+    DEFAULT_POSTGRES_URL,
+    PostgresDatabases,
+    certdb_config,
+    certdb_postgres,
+    certdb_sqlite,
+    certdb_sqlite_rows,
+    libpq_url,
+    sqlalchemy_url,
+)
 from _fixtures import (
     CLUSTER_ID,
     Identity,
@@ -77,6 +88,7 @@ from _procs import (
 from _profile import summarise_raw
 from _report import MIB, Latency, ServerRun, load_latencies, machine_facts, render
 from cryptography import x509
+from sqlalchemy.engine import URL
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
@@ -136,6 +148,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cfssl's work (CSR signature check, build and sign a leaf): ceilings for any CA "
         "served by grpcio in Python on this machine",
     )
+    parser.add_argument(
+        "--databases",
+        default="sqlite,postgres",
+        help="where meshca keeps its ledger and cfssl+certdb its certificates, each measured "
+        "in turn: sqlite (meshca's embedded default), postgres (a database of the run's own "
+        "on --postgres-url) [sqlite,postgres]",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("MESHCA_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        help="a PostgreSQL server where the run may create and drop databases "
+        f"[{DEFAULT_POSTGRES_URL}; MESHCA_BENCH_POSTGRES_URL]",
+    )
+    parser.add_argument("--skip-certdb", action="store_true", help="cfssl without a database only")
     parser.add_argument("--skip-cfssl", action="store_true", help="measure meshca only")
     parser.add_argument("--skip-meshca", action="store_true", help="measure cfssl only")
     parser.add_argument("--cfssl", default=shutil.which("cfssl"), help="cfssl binary")
@@ -188,6 +214,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--signer and --issuing-key configure meshca; drop --skip-meshca")
     if not args.skip_cfssl and not args.cfssl:
         parser.error("cfssl not found; install golang-cfssl, pass --cfssl, or --skip-cfssl")
+    args.databases = [d.strip() for d in args.databases.split(",") if d.strip()]
+    unknown = sorted(set(args.databases) - {"sqlite", "postgres"})
+    if unknown or not args.databases:
+        parser.error(f"--databases takes sqlite and/or postgres, not {','.join(unknown) or '-'}")
     return args
 
 
@@ -221,6 +251,8 @@ class LoadResult:
     connections_per_process: list[int]
     kms_calls: dict[str, int] | None = None
     """KMS emulator RPCs during the window, by method (None: no KMS)."""
+    database_cpu_seconds: float | None = None
+    """CPU of the whole PostgreSQL server in the window (its other databases too)."""
 
 
 def _delta(end: dict[str, int] | None, start: dict[str, int] | None) -> dict[str, int] | None:
@@ -240,6 +272,7 @@ class Bench:
         self.notes: list[str] = []
         self.profile_summary: str | None = None
         self.backend: RootBackend | None = None
+        self.postgres: PostgresDatabases | None = None
 
     # -- load ----------------------------------------------------------------------
 
@@ -252,10 +285,12 @@ class Bench:
         profile: Path | None = None,
         connections: int | None = None,
         counters: Callable[[], dict[str, int] | None] | None = None,
+        database_cpu: Callable[[], float | None] | None = None,
     ) -> LoadResult:
         """Run the load generators against ``server`` and gather their figures.
 
-        ``counters`` reads call counters (the KMS emulator's) at the window's two ends.
+        ``counters`` reads call counters (the KMS emulator's) at the window's two ends;
+        ``database_cpu`` the CPU seconds so far of the PostgreSQL server.
         """
         args = self.args
         counters = counters or (lambda: None)
@@ -322,6 +357,7 @@ class Bench:
             cpu_start = sampler.cpu()
             busy_start = machine_busy_seconds()
             calls_start = counters()
+            db_start = database_cpu() if database_cpu else None
             if profile is not None:
                 spy = self._start_py_spy(server.pid, profile)
             time.sleep(max(0.0, (window[0] + window[1]) / 2 - time.time()))
@@ -330,6 +366,7 @@ class Bench:
             cpu_end = sampler.cpu()
             busy_end = machine_busy_seconds()
             calls_end = counters()
+            db_end = database_cpu() if database_cpu else None
             processes = len(process_tree(server.pid))
             bound = time.monotonic() + args.timeout + 60
             for n, proc in enumerate(procs):
@@ -377,6 +414,9 @@ class Bench:
             connections_seen=sampler.peak_connections(*window),
             connections_per_process=spread,
             kms_calls=_delta(calls_end, calls_start),
+            database_cpu_seconds=(
+                db_end - db_start if db_end is not None and db_start is not None else None
+            ),
         )
 
     def _start_py_spy(self, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -436,7 +476,15 @@ class Bench:
             connections_per_process=load.connections_per_process,
             sample_check=check,
             processes=load.processes,
+            database_cpu_cores=(
+                None
+                if load.database_cpu_seconds is None
+                else load.database_cpu_seconds / self.args.duration
+            ),
         )
+        if load.database_cpu_seconds is not None:
+            # The backends' CPU is the machine's too: not "other processes'" CPU.
+            run.other_cpu_cores = max(0.0, run.other_cpu_cores - run.database_cpu_cores)
         if any(c > 0.85 for c in load.client_cpu):
             run.notes.append(
                 "a load generator used more than 0.85 of a core: it may be the bottleneck; "
@@ -450,12 +498,17 @@ class Bench:
 
     # -- meshca --------------------------------------------------------------------
 
-    def meshca(self) -> ServerRun:
+    def meshca(self, database: str = "sqlite") -> ServerRun:
         args = self.args
-        state = self.tmp / "meshca-state"
+        state = self.tmp / f"meshca-state-{database}"
         backend = self.backend
         assert backend is not None
         admission = self._admission_settings()
+        pg_url = None
+        if database == "postgres":
+            assert self.postgres is not None
+            pg_url = self.postgres.create("meshca_bench")
+            admission["database_url"] = sqlalchemy_url(pg_url)
         config = meshca_config(self.tmp, self.issuer, {**admission, **backend.settings()})
         created = backend.create_root(
             MESHCA, config, state, self.tmp / "root-create.log", PROJECT_ROOT
@@ -492,7 +545,8 @@ class Bench:
                 )
                 self.notes.append(f"meshca: {workers_note}")
         self.workers_note = workers_note
-        out, err = self.tmp / "meshca.out", self.tmp / "meshca.err"
+        name = "meshca" if database == "sqlite" else "meshca (PostgreSQL)"
+        out, err = self.tmp / f"meshca-{database}.out", self.tmp / f"meshca-{database}.err"
         with out.open("wb") as o, err.open("wb") as e:
             server = self.children.start(
                 argv, stdout=o, stderr=e, cwd=PROJECT_ROOT, env=backend.environ()
@@ -517,37 +571,60 @@ class Bench:
             "cluster_id": CLUSTER_ID,
         }
         try:
+            profile = args.py_spy if database == args.databases[0] else None
             load = self.drive(
-                "meshca", server, grpc_port, spec, profile=args.py_spy, counters=backend.kms_calls
+                f"meshca-{database}",
+                server,
+                grpc_port,
+                spec,
+                profile=profile,
+                counters=backend.kms_calls,
+                database_cpu=self._backend_cpu(pg_url),
             )
         finally:
             code = self.children.stop(server, grace=15)
         if code not in (0, -signal.SIGTERM):
             self.notes.append(f"meshca exited with status {code} on SIGTERM")
         check = verify_meshca(load.samples, bundle)
-        run = self.summarise("meshca", f"gRPC TLS 127.0.0.1:{grpc_port}", load, check)
+        run = self.summarise(name, f"gRPC TLS 127.0.0.1:{grpc_port}", load, check)
+        run.database = (
+            "SQLite (WAL, synchronous FULL)"
+            if pg_url is None
+            else f"PostgreSQL {pg_url.host}:{pg_url.port or 5432} ({self.postgres_settings})"
+        )
         run.root_key = f"{backend.kind}, issuing key {backend.issuing_key}"
         run.kms_calls_window = load.kms_calls
         run.kms_calls_total = backend.kms_calls()
         run.notes += backend.notes(load.kms_calls, err.read_text(errors="replace"))
-        profile = args.py_spy
         if profile is not None and profile.exists() and profile.suffix not in (".svg", ".json"):
             self.profile_summary = summarise_raw(
                 profile.read_text(), rate=PY_SPY_RATE, seconds=args.duration, certs=load.ok
             )
-        rows = ledger_rows(state / "meshca.db")
+        if pg_url is None:
+            rows = ledger_rows(state / "meshca.db")
+            intermediates = intermediate_rows(state / "meshca.db")
+        else:
+            assert self.postgres is not None
+            rows = self.postgres.count(pg_url, "ledger")
+            intermediates = self.postgres.count(pg_url, "intermediates")
         if rows is not None:
             run.notes.append(
                 f"ledger holds {rows} rows after the run "
                 f"({load.ok} issued in the window, the rest in warmup/tail/server cert)"
             )
-        intermediates = intermediate_rows(state / "meshca.db")
         if intermediates is not None:
             run.notes.append(
                 f"the root signed {intermediates} issuing intermediate(s) in all "
                 f"({run.processes} server processes)"
             )
         return run
+
+    def _backend_cpu(self, url: URL | None) -> Callable[[], float | None] | None:
+        """Reads the PostgreSQL server's CPU for a run on ``url`` (None: SQLite, whose
+        work is done inside the server process and counted there)."""
+        if url is None or self.postgres is None:
+            return None
+        return self.postgres.server_cpu
 
     def _admission_settings(self) -> dict[str, Any]:
         """Config for meshca's admission control, for the settings this meshca has.
@@ -571,10 +648,9 @@ class Bench:
         ]
         for name in off:
             extra[name] = "off"
-        if off:
-            self.notes.append(
-                f"meshca: {', '.join(off)} off for the benchmark (--rate-limits keeps them)"
-            )
+        note = f"meshca: {', '.join(off)} off for the benchmark (--rate-limits keeps them)"
+        if off and note not in self.notes:
+            self.notes.append(note)
         return extra
 
     def _meshca_has_workers(self) -> bool:
@@ -593,10 +669,33 @@ class Bench:
 
     # -- cfssl ---------------------------------------------------------------------
 
-    def cfssl(self) -> ServerRun:
+    def cfssl(self, certdb: str | None = None) -> ServerRun:
+        """cfssl serve; with ``certdb`` ("sqlite" or "postgres") every certificate it signs
+        is stored in its certificate database before it answers (``-db-config``)."""
         args = self.args
         files = cfssl_ca(args.cfssl, self.tmp / "cfssl", tls=args.cfssl_tls)
         root = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+        db_args: list[str] = []
+        db_file = pg_url = None
+        if certdb == "sqlite":
+            db_file = self.tmp / "cfssl" / f"certdb-{secrets.token_hex(4)}.sqlite"
+            certdb_sqlite(db_file)
+            db_args = [
+                "-db-config",
+                str(certdb_config(self.tmp / "cfssl", "sqlite3", str(db_file))),
+            ]
+        elif certdb == "postgres":
+            assert self.postgres is not None
+            pg_url = self.postgres.create("cfssl_bench")
+            certdb_postgres(pg_url)
+            config = certdb_config(self.tmp / "cfssl", "postgres", libpq_url(pg_url))
+            db_args = ["-db-config", str(config)]
+        name = {
+            None: "cfssl",
+            "sqlite": "cfssl+certdb (SQLite)",
+            "postgres": "cfssl+certdb (PostgreSQL)",
+        }[certdb]
+        log_path = self.tmp / f"{name.split()[0]}-{certdb or 'nodb'}.log"
         server: subprocess.Popen[bytes] | None = None
         port = 0
         for _attempt in range(3):
@@ -614,17 +713,18 @@ class Bench:
                 str(files.ca_key),
                 "-config",
                 str(files.config),
+                *db_args,
             ]
             if files.tls_cert and files.tls_key:
                 argv += ["-tls-cert", str(files.tls_cert), "-tls-key", str(files.tls_key)]
-            with (self.tmp / "cfssl.log").open("wb") as log:
+            with log_path.open("wb") as log:
                 server = self.children.start(argv, stdout=log, stderr=subprocess.STDOUT)
             if wait_for_port(port, server, 30):
                 break
             self.children.stop(server)
             server = None
         if server is None:
-            raise BenchError(f"cfssl serve did not start:\n{tail(self.tmp / 'cfssl.log')}")
+            raise BenchError(f"cfssl serve did not start:\n{tail(log_path)}")
         say(f"cfssl: {shlex.join(argv)}")
         scheme = "https" if args.cfssl_tls else "http"
         spec = {
@@ -634,17 +734,40 @@ class Bench:
         }
         pool_size = args.cfssl_connections or args.connections
         try:
-            load = self.drive("cfssl", server, port, spec, connections=pool_size)
+            load = self.drive(
+                f"cfssl-{certdb or 'nodb'}",
+                server,
+                port,
+                spec,
+                connections=pool_size,
+                database_cpu=self._backend_cpu(pg_url),
+            )
         finally:
             self.children.stop(server)
         check = verify_cfssl(load.samples, root)
         endpoint = f"{'HTTPS' if args.cfssl_tls else 'HTTP'} 127.0.0.1:{port}"
-        run = self.summarise("cfssl", endpoint, load, check)
+        run = self.summarise(name, endpoint, load, check)
         run.root_key = "file (ca-key.pem; the root signs every certificate)"
-        run.notes.append(
-            "no caller authentication, no ledger (no -db-config)"
-            + ("" if args.cfssl_tls else ", no TLS")
-        )
+        if certdb is None:
+            run.database = "none"
+            run.notes.append(
+                "no caller authentication, no record of what it signs (no -db-config)"
+                + ("" if args.cfssl_tls else ", no TLS")
+            )
+        else:
+            if db_file is not None:
+                run.database = "SQLite (cfssl's defaults: rollback journal, synchronous FULL)"
+                rows = certdb_sqlite_rows(db_file)
+            else:
+                assert self.postgres is not None and pg_url is not None
+                run.database = (
+                    f"PostgreSQL {pg_url.host}:{pg_url.port or 5432} ({self.postgres_settings})"
+                )
+                rows = self.postgres.count(pg_url, "certificates")
+            run.notes.append(
+                f"certdb holds {rows} certificates after the run ({load.ok} in the window); "
+                "no caller authentication" + ("" if args.cfssl_tls else ", no TLS")
+            )
         if load.samples and not any(uri_sans(s) for s in load.samples):
             run.notes.append(
                 "certificates carry no SAN: this cfssl drops the CSR's URI SAN (a 'hosts' "
@@ -711,33 +834,33 @@ class Bench:
         self.pool = make_pool(self.issuer, args.identities, now=int(time.time()), token_ttl=3600)
         say(f"{len(self.pool)} identities (tokens + CSRs) in {time.perf_counter() - started:.2f}s")
         self.workers_note = "not measured (--skip-meshca)"
-        runs: list[ServerRun | None] = []
-        meshca_run = cfssl_run = None
-        if not args.skip_meshca:
-            self.backend = open_backend(args.signer, args.issuing_key, self.tmp, PROJECT_ROOT)
-            try:
-                meshca_run = self.meshca()
-            finally:
-                self.backend.close()
-            runs.append(meshca_run)
-            say(f"meshca: {meshca_run.certs_per_s:.1f} certs/s")
-        floors: dict[str, ServerRun] = {}
-        if args.floor:
-            for work in ("none", "sign"):
-                floors[work] = self.floor(work)
-                runs.append(floors[work])
-                say(f"{floors[work].name}: {floors[work].certs_per_s:.1f} answers/s")
-        if not args.skip_cfssl:
-            cfssl_run = self.cfssl()
-            runs.append(cfssl_run)
-            say(f"cfssl: {cfssl_run.certs_per_s:.1f} certs/s")
+        databases = list(args.databases)
+        self.postgres_settings = "-"
+        if "postgres" in databases:
+            self.postgres, why = PostgresDatabases.reach(args.postgres_url)
+            if self.postgres is None:
+                databases.remove("postgres")
+                self.notes.append(f"{why}: the PostgreSQL runs are left out")
+            else:
+                self.postgres_settings = why
+        try:
+            runs = self._measure(databases)
+        finally:
+            if self.postgres is not None:
+                self.postgres.drop_all()
+        by_name = {r.name: r for r in runs}
         facts["loadavg_after"] = loadavg()
-        ratio = None
-        if meshca_run and cfssl_run and cfssl_run.certs_per_s > 0:
-            ratio = meshca_run.certs_per_s / cfssl_run.certs_per_s
-        floor_ratios = {}
-        if cfssl_run and cfssl_run.certs_per_s > 0:
-            floor_ratios = {w: r.certs_per_s / cfssl_run.certs_per_s for w, r in floors.items()}
+        ratios = {}
+        for ours, peer in (
+            ("meshca", "cfssl+certdb (SQLite)"),
+            ("meshca (PostgreSQL)", "cfssl+certdb (PostgreSQL)"),
+            ("meshca", "cfssl"),
+            ("meshca (PostgreSQL)", "cfssl"),
+            ("grpc floor", "cfssl"),
+            ("grpc + sign", "cfssl"),
+        ):
+            if ours in by_name and peer in by_name and by_name[peer].certs_per_s > 0:
+                ratios[f"{ours} / {peer}"] = by_name[ours].certs_per_s / by_name[peer].certs_per_s
         cpus = facts.get("cpus_usable") or facts.get("nproc") or 0
         if cpus and cpus < 4:
             self.notes.append(
@@ -761,15 +884,42 @@ class Bench:
                 "signer": args.signer,
                 "issuing_key": args.issuing_key,
                 "cfssl_tls": args.cfssl_tls,
+                "databases": databases,
+                "postgres": self.postgres_settings,
             },
-            "servers": {r.name: r.as_json() for r in runs if r is not None},
-            "ratio": ratio,
-            "floor_ratios": floor_ratios,
+            "servers": {r.name: r.as_json() for r in runs},
+            "ratios": ratios,
+            "ratio": ratios.get("meshca / cfssl"),
             "notes": self.notes,
             "profile": self.profile_summary,
         }
         report["text"] = render(report, runs)
         return report
+
+    def _measure(self, databases: list[str]) -> list[ServerRun]:
+        """Every server in turn: meshca and cfssl+certdb on each database (SQLite first),
+        then the floors, then cfssl without a database."""
+        args = self.args
+        runs: list[ServerRun] = []
+        for database in databases:
+            if not args.skip_meshca:
+                self.backend = open_backend(args.signer, args.issuing_key, self.tmp, PROJECT_ROOT)
+                try:
+                    runs.append(self.meshca(database))
+                finally:
+                    self.backend.close()
+                say(f"{runs[-1].name}: {runs[-1].certs_per_s:.1f} certs/s")
+            if not args.skip_cfssl and not args.skip_certdb:
+                runs.append(self.cfssl(database))
+                say(f"{runs[-1].name}: {runs[-1].certs_per_s:.1f} certs/s")
+        if args.floor:
+            for work in ("none", "sign"):
+                runs.append(self.floor(work))
+                say(f"{runs[-1].name}: {runs[-1].certs_per_s:.1f} answers/s")
+        if not args.skip_cfssl:
+            runs.append(self.cfssl())
+            say(f"{runs[-1].name}: {runs[-1].certs_per_s:.1f} certs/s")
+        return runs
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
