@@ -89,6 +89,7 @@ class PostgresDatabases:
 
     admin: URL
     created: list[str] = field(default_factory=list)
+    postmaster: int | None = None
 
     @classmethod
     def reach(cls, url: str) -> tuple[PostgresDatabases | None, str]:
@@ -128,14 +129,18 @@ class PostgresDatabases:
         postmaster, every live process it started (backends, WAL writer, checkpointer)
         and those that have ended (the kernel adds their time to the postmaster's
         children's time when it reaps them). None if the server is not local."""
-        try:
-            with _connect(self.admin) as conn:
-                row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        except psycopg.Error:
-            return None
-        postmaster = parent_pid(int(row[0])) if row else None
+        postmaster = self.postmaster
         if postmaster is None:
-            return None
+            try:
+                with _connect(self.admin) as conn:
+                    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+                    # Asked while the backend lives: its parent is the postmaster.
+                    postmaster = parent_pid(int(row[0])) if row else None
+            except psycopg.Error:
+                return None
+            if postmaster is None:
+                return None
+            self.postmaster = postmaster
         return cpu_seconds([postmaster, *children(postmaster)]) + reaped_cpu_seconds(postmaster)
 
     def count(self, url: URL, table: str) -> int | None:
