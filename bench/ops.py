@@ -6,8 +6,11 @@ one by one in this process.
 Each line is CPU time per operation (``time.process_time``, median of 5 rounds of
 ``--count``), using meshca's own functions on a P-256 CSR like the ones istio-agent sends,
 an RS256 service-account token already in the verified-token cache, and a ledger row
-hashed as the store hashes it. The ledger line is the SQLite transaction (write lock,
-statements, COMMIT with fsync) for one row and for a batch of 16, per row. The last
+hashed as the store hashes it. The ledger lines are the SQLite transaction (write lock,
+statements, COMMIT with fsync) for one row and for a batch of 16, per row, on the held
+connection the CA's ledger writer uses and, for comparison, through a SQLAlchemy session
+as before; the leaf is built from the issuer's DER template and, for comparison, with
+cryptography's CertificateBuilder (lines marked "not summed"). The last
 lines compare the sum with cfssl's whole per-certificate server CPU (bench/issue.py
 measures it) and with ``openssl speed ecdsap256`` when openssl is installed.
 
@@ -101,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         cache = VerifiedTokenCache()
         cache.put(token, ServiceAccountIdentity("bench-0", "svc-0"), time.time() + 3600)
 
-        def leaf() -> x509.Certificate:
+        builder_only = profile.PreparedIssuer.prepare(issuing_key, issuing, template=False)
+
+        def leaf(issuer: profile.PreparedIssuer = prepared) -> x509.Certificate:
             return profile.build_svid(
-                prepared,
+                issuer,
                 issuing,
                 public_key,
                 spiffe_id,
@@ -135,26 +140,32 @@ def main(argv: list[str] | None = None) -> int:
             ("CSR: parse PEM", lambda: csr_checks.load_csr(csr_pem)),
             ("CSR: checks incl. signature (PoP)", lambda: csr_checks.check_csr(csr, spiffe_id)),
             ("CSR: SHA-256 for the ledger", lambda: csr_checks.csr_sha256(csr)),
-            ("leaf: build + ECDSA P-256 sign", leaf),
+            ("leaf: DER template + ECDSA P-256 sign (what issues)", leaf),
+            ("leaf: CertificateBuilder + sign (before; not summed)", lambda: leaf(builder_only)),
             ("ledger: row + hash chain", lambda: entry(1).to_row(1, "00" * 32)),
         ]
         results = [(label, per_op(fn, count)) for label, fn in rows]
         ledger_count = max(10, count // 20)
-        one = per_op(lambda: store.append_issuances([entry(next(serials))]), ledger_count)
-        batch = per_op(
-            lambda: store.append_issuances([entry(next(serials)) for _ in range(16)]),
-            max(5, ledger_count // 4),
-        )
+        held = store.ledger_appender()
+        for label, append in (
+            ("held connection (what issues)", held.append),
+            ("session path (before; not summed)", store.append_issuances),
+        ):
+            one = per_op(lambda a=append: a([entry(next(serials))]), ledger_count)
+            batch = per_op(
+                lambda a=append: a([entry(next(serials)) for _ in range(16)]),
+                max(5, ledger_count // 4),
+            )
+            results.append((f"ledger: SQLite commit, 1 row, {label}", one))
+            results.append((f"ledger: SQLite commit, per row of 16, {label}", batch / 16))
         store.close()
-    results.append(("ledger: SQLite commit, 1 row per transaction", one))
-    results.append(("ledger: SQLite commit, per row in a batch of 16", batch / 16))
 
     width = max(len(label) for label, _ in results)
     print(f"per-certificate operations, CPU time per call (median of {ROUNDS} x {count})")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     for label, seconds in results:
         print(f"  {label:<{width}}  {seconds * 1e6:8.1f} us")
-    work = sum(s for label, s in results if "1 row per" not in label)
+    work = sum(s for label, s in results if "1 row," not in label and "not summed" not in label)
     print(f"  {'sum (batched ledger)':<{width}}  {work * 1e6:8.1f} us")
     speed = openssl_speed()
     if speed:
