@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -454,6 +453,11 @@ def load_from_sources(
             raise ConfigError(f"config file {config_file} does not exist or is not a file")
         if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
             raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
+    file_errors: tuple[type[Exception], ...] = (tomllib.TOMLDecodeError,)
+    if config_file is not None and config_file.suffix.lower() != ".toml":
+        import yaml  # only a YAML config file needs the parser (the agent runs in every pod)
+
+        file_errors = (yaml.YAMLError, tomllib.TOMLDecodeError)
     given = {k: v for k, v in overrides.items() if v is not None}
     _CONFIG_FILE["path"] = config_file
     try:
@@ -462,7 +466,7 @@ def load_from_sources(
         prefix = str(cls.model_config.get("env_prefix", ""))
         problems = "; ".join(describe(err, cls, prefix) for err in exc.errors())
         raise ConfigError(f"invalid {what}: {problems}") from exc
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+    except file_errors as exc:
         assert config_file is not None  # only a config file is parsed as YAML or TOML
         raise syntax_error(config_file, exc) from None
     except (OSError, ValueError) as exc:

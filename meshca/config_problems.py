@@ -12,7 +12,6 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel
 from pydantic_settings import YamlConfigSettingsSource
 
@@ -90,10 +89,13 @@ def _is_tagged(member: Any, tag: str) -> bool:
     return False
 
 
-def syntax_error(config_file: Path, exc: yaml.YAMLError | tomllib.TOMLDecodeError) -> ConfigError:
-    """``config file X: YAML syntax error at line L, column C: problem``, one line."""
+def syntax_error(config_file: Path, exc: Exception) -> ConfigError:
+    """``config file X: YAML syntax error at line L, column C: problem``, one line, for a
+    YAML or TOML parser's error."""
     if isinstance(exc, tomllib.TOMLDecodeError):
         return ConfigError(f"config file {config_file}: TOML syntax error: {exc}")
+    import yaml  # loaded already: the error came from it
+
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = exc.problem or exc.context or "cannot be parsed"

@@ -164,8 +164,9 @@ async def test_connections_over_the_limit_are_closed(
 
 
 def test_agent_command_imports_neither_the_ca_nor_a_web_framework() -> None:
-    """``meshca agent`` with a token, a bundle file and local sinks loads no HTTP client or
-    server framework, no CA code (store, signers, API servers) and no cloud SDK."""
+    """``meshca agent`` with a token, a bundle file and local sinks (no config file) loads
+    no HTTP client or server framework, no YAML parser, no CA code (store, signers, API
+    servers) and no cloud SDK."""
     code = (
         "import sys\n"
         "from meshca.cli.main import main\n"
@@ -181,6 +182,7 @@ def test_agent_command_imports_neither_the_ca_nor_a_web_framework() -> None:
     loaded = set(out)
     for absent in (
         "aiohttp",
+        "yaml",
         "sqlalchemy",
         "sqlmodel",
         "alembic",
