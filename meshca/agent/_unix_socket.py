@@ -28,6 +28,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from grpc import aio
 
@@ -54,6 +55,7 @@ class PrivateUnixSocket:
         owner: str | int | None,
         group: str | int | None,
         label: str,
+        callers_identified: bool = False,
     ) -> None:
         if not 0 <= mode <= 0o777:
             raise ConfigError(
@@ -67,6 +69,7 @@ class PrivateUnixSocket:
                 "the limit for a Unix socket"
             )
         self.mode = mode
+        self.callers_identified = callers_identified
         self.uid = _user_id(owner, label)
         self.gid = _group_id(group, label)
         self._inode: tuple[int, int] | None = None
@@ -122,7 +125,7 @@ class PrivateUnixSocket:
         os.rename(staged, self.path)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
-        if self.mode & 0o007:
+        if self.mode & 0o007 and not self.callers_identified:
             log.warning(
                 "%s %s has mode %#o: every local user can fetch this agent's private key",
                 self.label,
@@ -149,16 +152,28 @@ class PrivateUnixSocket:
                 os.unlink(self.path)
 
 
+class GrpcSocket(Protocol):
+    """Where a sink's gRPC server is reached: a :class:`PrivateUnixSocket`, or a node
+    agent's :class:`~meshca.agent._caller_socket.CallerSocket` in front of one."""
+
+    @property
+    def path(self) -> Path: ...
+
+    async def serve(self, server: aio.Server) -> None: ...
+
+    def remove(self) -> None: ...
+
+
 class UnixGrpcServer:
-    """A grpc.aio server on a :class:`PrivateUnixSocket`: the life cycle the SDS and
-    Workload API sinks share (start once, stop with a grace, remove the socket).
+    """A grpc.aio server on a :class:`GrpcSocket`: the life cycle the SDS and Workload
+    API sinks share (start once, stop with a grace, remove the socket).
 
     ``what`` names the service in logs ("Envoy SDS").
     """
 
     def __init__(
         self,
-        socket: PrivateUnixSocket,
+        socket: GrpcSocket,
         what: str,
         *,
         max_request_bytes: int,

@@ -58,6 +58,8 @@ RETRYABLE = frozenset(
 _RECONNECT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_RESPONSE_BYTES = 1024 * 1024
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+"""The request metadata field naming the workload a node agent asks for (Istio's)."""
 
 
 class CAError(MeshcaError):
@@ -145,6 +147,7 @@ class CAClient:
         ttl: timedelta,
         expected: SpiffeId | None,
         svid: X509Credentials | None = None,
+        impersonate: SpiffeId | None = None,
     ) -> Issued:
         """Request a certificate for ``csr_pem`` and check the answer.
 
@@ -152,12 +155,16 @@ class CAClient:
         otherwise to the token port with the credential source's token. ``expected``
         is the SPIFFE ID the leaf must carry; None accepts any ID with a path in the
         anchors' trust domain (a first issuance, where the CA decides the path).
+        ``impersonate`` asks for that workload's identity instead of the agent's own
+        (a node agent; Istio's ``ImpersonatedIdentity`` request metadata).
         Raises CAError, CredentialError or TrustError.
         """
         await self.anchors.ensure()
         request = istioca_pb2.IstioCertificateRequest(
             csr=csr_pem, validity_duration=max(1, int(ttl.total_seconds()))
         )
+        if impersonate is not None:
+            request.metadata.update({IMPERSONATED_IDENTITY: str(impersonate)})
         metadata: list[tuple[str, str]] = []
         if self._cluster_id:
             metadata.append(("clusterid", self._cluster_id))

@@ -32,17 +32,32 @@ How the agent proves who it is (``credential``):
   ``token_file``, spent on the first certificate; every renewal uses the SVID on
   ``mtls_address`` (required). With ``output_dir`` set, a restarted agent starts from
   the unexpired SVID it wrote there, as the token is spent.
+
+Whom the sockets serve (``attestation``):
+
+- ``none``: the agent's own identity, to everyone who can open the socket (a sidecar, or
+  a VM with one workload); the socket's mode and owner are the access control.
+- ``k8s``: one agent per node (a DaemonSet): each calling process gets the identity of
+  its pod (cgroup under ``proc_root``, then the kubelet at ``kubelet_url``), which the
+  agent obtains from the CA on the pod's behalf with its own token; needs credential
+  ``k8s`` and the agent's service account among the CA's ``node_agents``.
+- ``unix``: several workloads on one VM: ``unix_workloads`` rules map a process's uid,
+  gid and executable to SPIFFE IDs; the CA's ``node_agents.delegations`` must list them
+  for the agent.
 """
 
 from __future__ import annotations
 
+import grp
+import pwd
+import re
 import shlex
 import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     NoDecode,
     SettingsConfigDict,
@@ -53,7 +68,7 @@ from meshca.config import Duration, FileSettings, load_from_sources
 from meshca.durations import format_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
-from meshca.spiffe import TrustDomain
+from meshca.spiffe import SpiffeId, TrustDomain
 
 if TYPE_CHECKING:
     from meshca.proxy.config import ProxyConfig
@@ -62,6 +77,7 @@ DEFAULT_TOKEN_FILE = Path("/var/run/secrets/tokens/istio-token")
 """Where Istio's sidecar injector mounts the projected token (audience ``istio-ca``)."""
 
 ENV_PREFIX = "MESHCA_AGENT_"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 _OFF = ("", "off", "none")
 
@@ -72,6 +88,70 @@ def split_host_port(address: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{what} {address!r} must be HOST:PORT, e.g. meshca.example:15012")
     return host.strip("[]"), int(port)
+
+
+class UnixWorkload(BaseModel):
+    """Processes matching every condition given get ``spiffe_id`` (``attestation: unix``).
+
+    Written in a config file as a mapping, or (a flag, an environment variable) as one
+    line: ``SPIFFE_ID uid=33 gid=33 path=/usr/sbin/nginx``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spiffe_id: str
+    """A full SPIFFE ID, or a path (``/vm/web``) in the agent's trust domain."""
+    uid: int | None = None
+    gid: int | None = None
+    path: Path | None = None
+    """The executable, as ``/proc/<pid>/exe`` names it (absolute, symlinks resolved)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _line(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        words = value.split()
+        if not words:
+            raise ValueError("a unix workload line is 'SPIFFE_ID uid=N gid=N path=/exe'")
+        fields: dict[str, object] = {"spiffe_id": words[0]}
+        for word in words[1:]:
+            key, sep, text = word.partition("=")
+            if not sep or key not in ("uid", "gid", "path") or key in fields:
+                raise ValueError(
+                    f"unix workload {value!r}: {word!r} is not one of uid=, gid=, path= "
+                    "(each at most once)"
+                )
+            fields[key] = text
+        return fields
+
+    @field_validator("uid", "gid", mode="before")
+    @classmethod
+    def _id(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str) or value.isdigit():
+            return value
+        try:
+            if info.field_name == "uid":
+                return pwd.getpwnam(value).pw_uid
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ValueError(f"{info.field_name} {value!r} is not a known name") from None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"path {value} must be absolute, as /proc/<pid>/exe names it")
+        return value
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> UnixWorkload:
+        if self.uid is None and self.gid is None and self.path is None:
+            raise ValueError(
+                f"unix workload {self.spiffe_id}: give at least one of uid, gid, path "
+                "(a rule without one would match every process)"
+            )
+        return self
 
 
 class AgentSettings(FileSettings):
@@ -133,6 +213,25 @@ class AgentSettings(FileSettings):
     socket_group: str | None = None
     http_listen: str | None = None
     """Health (``/healthz``, ``/readyz``) and Prometheus ``/metrics``; None = off."""
+    attestation: Literal["none", "k8s", "unix"] = "none"
+    """Whom the sockets serve: the agent's own identity (``none``), each calling pod's
+    (``k8s``, one agent per node) or each process's by ``unix_workloads`` (``unix``)."""
+    proc_root: Path = Path("/proc")
+    """Where processes are looked up (``<proc_root>/<pid>/cgroup``, ``.../exe``)."""
+    kubelet_url: str | None = None
+    """The kubelet's authenticated port, e.g. ``https://<node IP>:10250``."""
+    kubelet_ca_file: Path = SERVICE_ACCOUNT_DIR / "ca.crt"
+    """PEM bundle that verifies the kubelet's serving certificate."""
+    kubelet_token_file: Path = SERVICE_ACCOUNT_DIR / "token"
+    """The bearer token the agent presents to the kubelet (re-read for every request)."""
+    attestation_timeout: Duration = timedelta(seconds=10)
+    """How long a caller the agent cannot place yet (a pod the kubelet does not list
+    yet) waits before it is refused."""
+    identity_idle_grace: Duration = timedelta(minutes=1)
+    """An identity no connection has used this long, and no pod on the node has, is
+    dropped."""
+    unix_workloads: Annotated[list[UnixWorkload], NoDecode] = Field(default_factory=list)
+    """``attestation: unix`` rules; see :class:`UnixWorkload`."""
     inbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """The mTLS proxy in this process (meshca.proxy): ``LISTEN=APP_ADDR[,http]``."""
     outbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -141,6 +240,23 @@ class AgentSettings(FileSettings):
     proxy_access_log: str = "-"
     """Where the in-process proxy writes its JSON access log; ``-`` = standard output."""
     log_level: str = "INFO"
+
+    @field_validator("unix_workloads", mode="before")
+    @classmethod
+    def _workload_lines(cls, value: object) -> object:
+        if isinstance(value, str):  # an environment variable: one per line, or ';' apart
+            return [line.strip() for line in re.split(r"[\n;]", value) if line.strip()]
+        return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("kubelet_url")
+    @classmethod
+    def _kubelet_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError(
+                f"kubelet_url {value!r} must be https:// (the kubelet's authenticated port, "
+                "10250; the read-only port is not used)"
+            )
+        return value.rstrip("/") if value is not None else None
 
     @field_validator("inbound", "outbound", mode="before")
     @classmethod
@@ -292,7 +408,63 @@ class AgentSettings(FileSettings):
         self._check_credential()
         self._check_delivery()
         self._check_timing()
+        self._check_attestation()
         return self
+
+    def _check_attestation(self) -> None:
+        for rule in self.unix_workloads:
+            self.workload_id(rule)  # raises for an ID outside the trust domain
+        if self.attestation == "none":
+            if self.unix_workloads:
+                raise ValueError("unix_workloads need attestation 'unix'")
+            return
+        if self.sds_socket is None and self.workload_api_socket is None:
+            raise ValueError(
+                f"attestation {self.attestation!r} serves workloads over sds_socket or "
+                "workload_api_socket: set at least one"
+            )
+        if self.output_dir is not None or self.inbound or self.outbound:
+            raise ValueError(
+                "output_dir and the in-process proxy (inbound, outbound) carry the agent's "
+                f"own identity; with attestation {self.attestation!r} the agent serves each "
+                "workload its own over the sockets"
+            )
+        if self.attestation == "k8s":
+            if self.credential != "k8s":
+                raise ValueError(
+                    "attestation 'k8s' asks for pods' identities with the agent's own "
+                    "projected token (the CA learns the agent's node from it): set "
+                    "credential 'k8s'"
+                )
+            if self.kubelet_url is None:
+                raise ValueError(
+                    "attestation 'k8s' needs kubelet_url, e.g. https://$(NODE_IP):10250"
+                )
+            if self.unix_workloads:
+                raise ValueError("unix_workloads need attestation 'unix', not 'k8s'")
+        elif not self.unix_workloads:
+            raise ValueError("attestation 'unix' needs at least one unix_workloads rule")
+        if self.attestation_timeout <= timedelta(0) or self.identity_idle_grace < timedelta(0):
+            raise ValueError(
+                "attestation_timeout must be positive, identity_idle_grace not negative"
+            )
+
+    def workload_id(self, rule: UnixWorkload) -> SpiffeId:
+        """The SPIFFE ID a unix workload rule gives (a path is in the trust domain)."""
+        td = self.trust_domain_value
+        try:
+            sid = (
+                SpiffeId(td, rule.spiffe_id)
+                if rule.spiffe_id.startswith("/")
+                else SpiffeId.parse(rule.spiffe_id)
+            )
+        except SpiffeIdError as exc:
+            raise ValueError(f"unix workload {rule.spiffe_id!r}: {exc}") from None
+        if not sid.member_of(td) or sid.is_trust_domain_id:
+            raise ValueError(
+                f"unix workload {rule.spiffe_id!r} is not a workload in trust domain {td}"
+            )
+        return sid
 
     def _check_trust(self) -> None:
         anchors = [

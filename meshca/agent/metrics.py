@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -86,14 +87,32 @@ class AgentMetrics:
             registry=self.registry,
         )
 
+        self.workload_identities = Gauge(
+            "meshca_agent_workload_identities",
+            "Identities a node agent holds a certificate (or is getting one) for.",
+            registry=self.registry,
+        )
+        self.callers_refused = Counter(
+            "meshca_agent_callers_refused",
+            "Workload API and SDS callers a node agent gave no identity, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def track(self, store: CredentialStore) -> None:
         """Read the expiry gauge from ``store`` at every scrape."""
+        self.track_soonest(lambda: [store])
+
+    def track_soonest(self, stores: Callable[[], list[CredentialStore]]) -> None:
+        """Read the expiry gauge at every scrape: the certificate that expires first
+        among ``stores()`` (a node agent holds one per workload identity)."""
 
         def seconds_left() -> float:
-            creds = store.current()
-            if creds is None:
+            held = [c for c in (s.current() for s in stores()) if c is not None]
+            if not held:
                 return math.nan
-            return (creds.not_after - datetime.now(UTC)).total_seconds()
+            soonest = min(c.not_after for c in held)
+            return (soonest - datetime.now(UTC)).total_seconds()
 
         self._expiry.set_function(seconds_left)
 
@@ -102,15 +121,20 @@ class AgentMetrics:
 
 
 async def start_http(
-    host: str, port: int, store: CredentialStore, metrics: AgentMetrics
+    host: str,
+    port: int,
+    store: CredentialStore,
+    metrics: AgentMetrics,
+    ready: Callable[[], Answer] | None = None,
 ) -> tuple[HealthServer, int]:
     """Serve health and metrics on ``host:port`` (0: any free port); returns the server
-    and the bound port. Raises OSError when the address cannot be bound.
+    and the bound port. ``/readyz`` asks ``ready`` (default: whether ``store`` holds an
+    unexpired certificate). Raises OSError when the address cannot be bound.
     """
     server = HealthServer(
         {
             b"/healthz": lambda: Answer(200, b"ok\n"),
-            b"/readyz": lambda: readiness(store),
+            b"/readyz": ready if ready is not None else lambda: readiness(store),
             b"/metrics": lambda: Answer(200, metrics.exposition(), METRICS_CONTENT_TYPE),
         }
     )

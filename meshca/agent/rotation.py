@@ -17,6 +17,10 @@ Rules (issue 5, "Node agent"):
   the maximum every time: logged with their reason, never hammered.
 - While the CA is unreachable the last certificate stays published and served; the log
   and the metrics say how long it has left.
+- A node agent runs one engine per workload identity it serves (``impersonate``): the
+  CSR names that identity and the request carries it as ``ImpersonatedIdentity``; the
+  agent authenticates with its own token (``k8s``, ``gce``) or, when that cannot be
+  presented again (``join-token``, ``svid``), with its own SVID on the mTLS port.
 - The trust bundle published with each certificate is the agent's anchors, which
   always hold the root the answer ends at; it is also refreshed every
   ``bundle_refresh`` from its source (file or URL), and every root is passed on.
@@ -29,6 +33,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -154,8 +159,11 @@ class RotationEngine:
         bootstrap: X509Credentials | None = None,
         bundle_refresh: timedelta | None = None,
         rng: random.Random | None = None,
+        impersonate: SpiffeId | None = None,
+        agent_svid: Callable[[], X509Credentials | None] | None = None,
+        track_expiry: bool = True,
     ) -> None:
-        if credential == "svid" and bootstrap is None:
+        if credential == "svid" and bootstrap is None and impersonate is None:
             raise ValueError("credential 'svid' needs a bootstrap SVID")
         self.client = client
         self.store = store
@@ -168,14 +176,24 @@ class RotationEngine:
         self.bundle_refresh = bundle_refresh
         self._bootstrap = bootstrap
         self._rng = rng or random.SystemRandom()
-        self.spiffe_id: SpiffeId | None = bootstrap.spiffe_id if bootstrap else None
+        self.impersonate = impersonate
+        self._agent_svid = agent_svid
+        self.spiffe_id: SpiffeId | None = (
+            impersonate if impersonate is not None else bootstrap.spiffe_id if bootstrap else None
+        )
         self.next_renewal: datetime | None = None
         self.next_attempt: datetime | None = None
         self.failures = 0
         self.attempts = 0
         self.last_error: AgentFailure | None = None
+        self.last_failure_at: float | None = None
+        """``time.monotonic()`` of the last failed attempt."""
+        self.attempted = asyncio.Event()
+        """Set after every attempt, whatever its outcome (callers waiting for the first
+        certificate learn of a refusal at once)."""
         self._wake = asyncio.Event()
-        self.metrics.track(store)
+        if track_expiry:
+            self.metrics.track(store)
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -196,6 +214,8 @@ class RotationEngine:
             else:
                 assert self.next_renewal is not None
                 delay = (self.next_renewal - _now()).total_seconds()
+            finally:
+                self.attempted.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, delay)):
                     await self._wake.wait()
@@ -260,6 +280,15 @@ class RotationEngine:
         return creds
 
     async def _request(self, csr: str, key: PrivateKey) -> Issued:
+        if self.impersonate is not None:
+            return await self.client.create_certificate(
+                csr,
+                key.public_key(),
+                ttl=self.ttl,
+                expected=self.impersonate,
+                svid=self._svid_for_impersonation(),
+                impersonate=self.impersonate,
+            )
         svid = self._renewal_svid()
         try:
             return await self.client.create_certificate(
@@ -273,6 +302,22 @@ class RotationEngine:
         return await self.client.create_certificate(
             csr, key.public_key(), ttl=self.ttl, expected=self.spiffe_id, svid=None
         )
+
+    def _svid_for_impersonation(self) -> X509Credentials | None:
+        """A node agent asks with its token (``k8s``, ``gce``: the CA learns its pod and
+        node from it), or with its own SVID when it has nothing else (``join-token``,
+        ``svid``)."""
+        if self.credential not in SVID_ONLY_RENEWAL:
+            return None
+        own = self._agent_svid() if self._agent_svid is not None else None
+        if own is None or own.not_after <= _now():
+            raise CAError(
+                "the agent has no valid SVID of its own yet to ask for workload identities "
+                "with; waiting for it",
+                reason="agent_svid_unavailable",
+                retryable=True,
+            )
+        return own
 
     def _renewal_svid(self) -> X509Credentials | None:
         """The SVID to authenticate with, or None to use the token."""
@@ -304,6 +349,7 @@ class RotationEngine:
         """Record a failure; the seconds to wait before the next attempt."""
         self.failures += 1
         self.last_error = exc
+        self.last_failure_at = time.monotonic()
         retryable = exc.retryable
         hint = exc.retry_after if isinstance(exc, CAError) else None
         delay = self.backoff.delay(self.failures, self._rng, retryable=retryable, hint=hint)

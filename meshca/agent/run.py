@@ -43,6 +43,8 @@ from meshca.pki.keys import KeyAlgorithm, UnsupportedKeyError
 from meshca.spiffe import SpiffeId
 
 if TYPE_CHECKING:
+    from meshca.agent.identities import CallerStores
+    from meshca.agent.node import RunningNodeAgent
     from meshca.proxy.run import RunningProxy
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class RunningAgent:
             f"delivery {', '.join(self.delivery()) or 'none'}; "
             f"HTTP on {http}"
         )
+
+    def renew_now(self) -> None:
+        """SIGHUP: renew at once."""
+        self.engine.renew_now()
 
     def delivery(self) -> list[str]:
         names = [name for name, _ in self.sinks]
@@ -211,8 +217,11 @@ def build_client(settings: AgentSettings) -> CAClient:
     )
 
 
-def build_sinks(settings: AgentSettings) -> list[tuple[str, CredentialSink]]:
-    """The delivery paths the settings turn on (ConfigError from their constructors)."""
+def build_sinks(
+    settings: AgentSettings, callers: CallerStores | None = None
+) -> list[tuple[str, CredentialSink]]:
+    """The delivery paths the settings turn on (ConfigError from their constructors).
+    With ``callers`` (a node agent) the sockets serve each caller its own identity."""
     sinks: list[tuple[str, CredentialSink]] = []
     if settings.sds_socket is not None:
         from meshca.agent.sds import SdsServer
@@ -225,6 +234,7 @@ def build_sinks(settings: AgentSettings) -> list[tuple[str, CredentialSink]]:
                     socket_mode=settings.socket_mode,
                     owner=settings.socket_owner,
                     group=settings.socket_group,
+                    callers=callers,
                 ),
             )
         )
@@ -239,6 +249,7 @@ def build_sinks(settings: AgentSettings) -> list[tuple[str, CredentialSink]]:
                     socket_mode=settings.socket_mode,
                     owner=settings.socket_owner,
                     group=settings.socket_group,
+                    callers=callers,
                 ),
             )
         )
@@ -259,17 +270,22 @@ def build_sinks(settings: AgentSettings) -> list[tuple[str, CredentialSink]]:
     return sinks
 
 
-async def start_agent(settings: AgentSettings) -> RunningAgent:
-    """Start every part of the agent; raise ConfigError/MeshcaError naming what failed."""
-    client = build_client(settings)
-    bootstrap = None
+def own_bootstrap(settings: AgentSettings) -> X509Credentials | None:
+    """The SVID the agent starts from: the configured one (``svid``), or the one a
+    join-token agent wrote on an earlier run."""
     if settings.credential == "svid":
         assert settings.svid_cert_file is not None and settings.svid_key_file is not None
-        bootstrap = load_svid(settings.svid_cert_file, settings.svid_key_file, settings)
-    elif settings.credential == "join-token":
-        bootstrap = earlier_svid(settings)
-    # Local files the operator named are checked now, so that a typo is reported at once
-    # (naming the path) rather than retried in the background.
+        return load_svid(settings.svid_cert_file, settings.svid_key_file, settings)
+    if settings.credential == "join-token":
+        return earlier_svid(settings)
+    return None
+
+
+async def check_credential(
+    settings: AgentSettings, client: CAClient, bootstrap: X509Credentials | None = None
+) -> None:
+    """Check the local files the operator named now, so that a typo is reported at once
+    (naming the path) rather than retried in the background."""
     if isinstance(client.credential, ProjectedTokenFile) or (
         isinstance(client.credential, JoinTokenFile) and bootstrap is None
     ):
@@ -281,6 +297,13 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
             "ca_plaintext: talking to the CA without TLS and trusting whatever root it "
             "names. For local development only."
         )
+
+
+async def start_agent(settings: AgentSettings) -> RunningAgent:
+    """Start every part of the agent; raise ConfigError/MeshcaError naming what failed."""
+    client = build_client(settings)
+    bootstrap = own_bootstrap(settings)
+    await check_credential(settings, client, bootstrap)
     sinks = build_sinks(settings)
     store = CredentialStore()
     metrics = AgentMetrics()
@@ -344,16 +367,22 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
 
 async def run_agent(settings: AgentSettings) -> None:
     """Run the agent until SIGINT or SIGTERM, then stop cleanly. SIGHUP renews at once."""
-    agent = await start_agent(settings)
+    agent: RunningAgent | RunningNodeAgent
+    if settings.attestation == "none":
+        agent = await start_agent(settings)
+    else:
+        from meshca.agent.node import start_node_agent
+
+        agent = await start_node_agent(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, agent.engine.renew_now)
+    loop.add_signal_handler(signal.SIGHUP, agent.renew_now)
     stopping = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(agent.wait_ready())
     log.info(
-        "meshca agent starting: CA %s, credential %s", agent.client.describe(), settings.credential
+        "meshca agent starting: CA %s, credential %s", settings.ca_address, settings.credential
     )
     try:
         pending = {stopping, ready, agent.task}

@@ -42,7 +42,10 @@ gRPC protocol", envoyproxy.io), with these choices:
   next agent with backoff and keeps its secrets meanwhile.
 
 Who may connect is decided by the socket's mode, owner and group (see
-:mod:`meshca.agent._unix_socket` for how it is created without a window). Key material is
+:mod:`meshca.agent._unix_socket` for how it is created without a window). A node agent
+serves each caller the secrets of its own identity (the process on the other end of the
+connection, see :mod:`meshca.agent.identities`) and refuses a caller it cannot place with
+PERMISSION_DENIED and the reason; Envoy reconnects with backoff. Key material is
 never logged: only names, versions, nonces and node IDs are.
 """
 
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,7 @@ import grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 from grpc import aio
 
+from meshca.agent._caller_socket import CallerSocket
 from meshca.agent._sds_protocol import (
     SERVED_NAMES,
     WILDCARD,
@@ -74,7 +79,9 @@ from meshca.agent._sds_protocol import (
     new_nonce,
 )
 from meshca.agent._unix_socket import PrivateUnixSocket, UnixGrpcServer
+from meshca.agent.attestation import AttestationError
 from meshca.agent.credentials import CredentialStore, X509Credentials
+from meshca.agent.identities import CallerStores, FixedStore, StoreProvider, refuse_caller
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,7 @@ class SdsStreamStatus:
 @dataclass(eq=False, slots=True)
 class _Stream:
     context: aio.ServicerContext[object, object]
+    store: CredentialStore
     state: StreamState = field(default_factory=StreamState)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -122,12 +130,14 @@ class _Stream:
 
 
 class _SecretDiscoveryServicer:
-    """StreamSecrets, FetchSecrets and DeltaSecrets over one store."""
+    """StreamSecrets, FetchSecrets and DeltaSecrets over each caller's store."""
 
-    def __init__(self, store: CredentialStore, stopping: asyncio.Future[None]) -> None:
-        self._store = store
+    def __init__(self, stores: StoreProvider, stopping: asyncio.Future[None]) -> None:
+        self._stores = stores
         self._stopping = stopping
-        self._snapshot: Snapshot | None = None
+        self._snapshots: weakref.WeakKeyDictionary[CredentialStore, Snapshot] = (
+            weakref.WeakKeyDictionary()
+        )
         self._unknown_logged: set[str] = set()
         self.streams: set[_Stream] = set()
 
@@ -136,7 +146,14 @@ class _SecretDiscoveryServicer:
         requests: AsyncIterator[DiscoveryRequest],
         context: aio.ServicerContext[object, object],
     ) -> None:
-        stream = _Stream(context)
+        try:
+            async with self._stores.store_for(context) as store:
+                await self._stream(_Stream(context, store), requests)
+        except AttestationError as exc:
+            await refuse_caller(context, exc, "sds")
+
+    async def _stream(self, stream: _Stream, requests: AsyncIterator[DiscoveryRequest]) -> None:
+        context = stream.context
         self.streams.add(stream)
         reader = asyncio.create_task(self._serve_requests(stream, requests))
         pusher = asyncio.create_task(self._push_rotations(stream))
@@ -170,7 +187,11 @@ class _SecretDiscoveryServicer:
             await _abort(context, exc.code, exc.message)
         names = fetch_names(request)
         self._log_unknown(names, "a FetchSecrets caller")
-        creds = self._store.current()
+        try:
+            async with self._stores.store_for(context) as store:
+                creds = store.current()
+        except AttestationError as exc:
+            await refuse_caller(context, exc, "sds")
         if creds is None:
             await _abort(
                 context,
@@ -184,7 +205,7 @@ class _SecretDiscoveryServicer:
                 f"none of the requested secrets is served here; this agent serves {_SERVED}",
             )
         log.debug("sds: FetchSecrets answered with version %d", creds.version)
-        return self._snapshot_of(creds).response(names, new_nonce())
+        return self._snapshot_of(store, creds).response(names, new_nonce())
 
     async def DeltaSecrets(  # noqa: N802
         self, requests: object, context: aio.ServicerContext[object, object]
@@ -201,7 +222,7 @@ class _SecretDiscoveryServicer:
         """Answer each request; returns when the client closes its side."""
         async for request in requests:
             async with stream.lock:
-                creds = self._store.current()
+                creds = stream.store.current()
                 outcome = stream.state.on_request(request, creds.version if creds else None)
                 self._log_request(stream, request, outcome)
                 if outcome.send and creds is not None:
@@ -211,9 +232,9 @@ class _SecretDiscoveryServicer:
         """Push every new credentials version to this stream (the newest, if several)."""
         seen = 0
         while True:
-            seen = (await self._store.wait_newer(seen)).version
+            seen = (await stream.store.wait_newer(seen)).version
             async with stream.lock:
-                creds = self._store.current()
+                creds = stream.store.current()
                 assert creds is not None
                 send = stream.state.on_rotation(creds.version)
                 if send:
@@ -221,7 +242,7 @@ class _SecretDiscoveryServicer:
 
     async def _send(self, stream: _Stream, creds: X509Credentials, names: frozenset[str]) -> None:
         nonce = new_nonce()
-        response = self._snapshot_of(creds).response(names, nonce)
+        response = self._snapshot_of(stream.store, creds).response(names, nonce)
         try:
             async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
                 await stream.context.write(response)
@@ -239,11 +260,13 @@ class _SecretDiscoveryServicer:
             stream.describe(),
         )
 
-    def _snapshot_of(self, creds: X509Credentials) -> Snapshot:
-        """The packed secrets for ``creds``, built once per version for all streams."""
-        if self._snapshot is None or self._snapshot.version != creds.version:
-            self._snapshot = Snapshot.of(creds)
-        return self._snapshot
+    def _snapshot_of(self, store: CredentialStore, creds: X509Credentials) -> Snapshot:
+        """The packed secrets for ``creds``, built once per store and version for all
+        the streams it serves."""
+        snapshot = self._snapshots.get(store)
+        if snapshot is None or snapshot.version != creds.version:
+            snapshot = self._snapshots[store] = Snapshot.of(creds)
+        return snapshot
 
     def _log_request(self, stream: _Stream, request: DiscoveryRequest, outcome: Outcome) -> None:
         who = stream.describe()
@@ -312,11 +335,19 @@ class SdsServer:
         socket_mode: int = 0o600,
         owner: str | int | None = None,
         group: str | int | None = None,
+        callers: CallerStores | None = None,
     ) -> None:
+        public = PrivateUnixSocket(
+            socket_path,
+            mode=socket_mode,
+            owner=owner,
+            group=group,
+            label="SDS socket",
+            callers_identified=callers is not None,
+        )
+        self._callers = callers
         self._grpc = UnixGrpcServer(
-            PrivateUnixSocket(
-                socket_path, mode=socket_mode, owner=owner, group=group, label="SDS socket"
-            ),
+            public if callers is None else CallerSocket(public, callers.registry),
             "Envoy SDS",
             max_request_bytes=MAX_REQUEST_BYTES,
             stop_grace_seconds=STOP_GRACE_SECONDS,
@@ -337,9 +368,11 @@ class SdsServer:
     async def start(self, store: CredentialStore) -> None:
         """Bind the socket (see :mod:`meshca.agent._unix_socket`) and serve ``store``."""
 
+        stores: StoreProvider = self._callers if self._callers is not None else FixedStore(store)
+
         def register(server: aio.Server) -> None:
             self._stopping = asyncio.get_running_loop().create_future()
-            self._servicer = _SecretDiscoveryServicer(store, self._stopping)
+            self._servicer = _SecretDiscoveryServicer(stores, self._stopping)
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer, server)
 
         await self._grpc.start(register)

@@ -4,11 +4,15 @@ Serves ``SpiffeWorkloadAPI`` (the SPIFFE project's workload.proto, kept in
 ``meshca/api/_proto/workload.proto``) so that go-spiffe, py-spiffe's ``WorkloadApiClient``
 and ``X509Source``, java-spiffe or Envoy work against the agent unchanged.
 
-Scope: only the agent's own identity is served. Everyone who can open the socket gets the
-same SVID, key and bundle, because this issue covers one workload per agent (a sidecar in
-the pod, or one agent per VM); the socket's mode, owner and group are the access control.
-Telling callers apart (peer credentials, workload attestation, one SVID per caller) comes
-with the node-agent issue.
+Scope: a sidecar agent (or one agent per VM with one workload) serves its own identity:
+everyone who can open the socket gets the same SVID, key and bundle, and the socket's
+mode, owner and group are the access control. A node agent (``attestation`` ``k8s`` or
+``unix``) tells callers apart by the process on the other end of the connection
+(``SO_PEERCRED``, see :mod:`meshca.agent._caller_socket`) and serves each only its own
+SVID (:mod:`meshca.agent.identities`); a caller it cannot place is refused with
+PERMISSION_DENIED (UNAVAILABLE when the kubelet could not be asked) and the reason
+(Workload API 5.2.1: "If the client is not entitled to receive any X509-SVIDs, then the
+server SHOULD respond with the PERMISSION_DENIED gRPC status code").
 
 Behaviour, with the rule each follows:
 
@@ -50,8 +54,11 @@ from typing import NoReturn, TypeVar
 import grpc
 from grpc import aio
 
+from meshca.agent._caller_socket import CallerSocket
 from meshca.agent._unix_socket import PrivateUnixSocket, UnixGrpcServer
+from meshca.agent.attestation import AttestationError
 from meshca.agent.credentials import CredentialStore, X509Credentials
+from meshca.agent.identities import CallerStores, FixedStore, StoreProvider, refuse_caller
 from meshca.api._proto import workload_pb2, workload_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -91,10 +98,10 @@ def x509_bundles_response(creds: X509Credentials) -> workload_pb2.X509BundlesRes
 
 
 class _WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
-    """The five RPCs; streams follow the store until the server stops."""
+    """The five RPCs; streams follow the caller's store until the server stops."""
 
-    def __init__(self, store: CredentialStore, stopping: asyncio.Event) -> None:
-        self._store = store
+    def __init__(self, stores: StoreProvider, stopping: asyncio.Event) -> None:
+        self._stores = stores
         self._stopping = stopping
         self.open_streams = 0
 
@@ -104,7 +111,7 @@ class _WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type
         await _require_header(context)
         self.open_streams += 1
         try:
-            async for creds in self._follow():
+            async for creds in self._follow(context):
                 log.debug(
                     "workload API: sending X509-SVID %s serial %x (v%d, expires %s)",
                     creds.spiffe_id,
@@ -123,7 +130,7 @@ class _WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type
         self.open_streams += 1
         try:
             sent: tuple[object, ...] | None = None
-            async for creds in self._follow():
+            async for creds in self._follow(context):
                 if creds.bundle == sent:
                     continue
                 sent = creds.bundle
@@ -152,15 +159,22 @@ class _WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type
     ) -> workload_pb2.ValidateJWTSVIDResponse:
         await _refuse_jwt(context)
 
-    async def _follow(self) -> AsyncIterator[X509Credentials]:
-        """The current credentials (once there are any), then each newer version."""
-        seen = 0
-        while not self._stopping.is_set():
-            creds = await self._unless_stopping(self._store.wait_newer(seen))
-            if creds is None:
-                return
-            seen = creds.version
-            yield creds
+    async def _follow(
+        self, context: aio.ServicerContext[object, object]
+    ) -> AsyncIterator[X509Credentials]:
+        """The caller's current credentials (once there are any), then each newer
+        version; aborts the call when the caller gets no identity here."""
+        try:
+            async with self._stores.store_for(context) as store:
+                seen = 0
+                while not self._stopping.is_set():
+                    creds = await self._unless_stopping(store.wait_newer(seen))
+                    if creds is None:
+                        return
+                    seen = creds.version
+                    yield creds
+        except AttestationError as exc:
+            await refuse_caller(context, exc, "workload API")
 
     async def _unless_stopping(self, awaitable: Awaitable[_T]) -> _T | None:
         """``awaitable``'s result, or None if the server starts stopping first."""
@@ -196,7 +210,8 @@ class WorkloadApiServer:
 
     ``socket_path`` is where clients connect (``SPIFFE_ENDPOINT_SOCKET=unix://<path>``);
     its directory must exist. ``socket_mode`` (default 0600) and the optional ``owner`` and
-    ``group`` (a name or a numeric id) decide who may fetch the agent's SVID and key.
+    ``group`` (a name or a numeric id) decide who may connect. Without ``callers`` every
+    caller gets the agent's own SVID and key; with them (a node agent), each its own.
     """
 
     def __init__(
@@ -206,15 +221,19 @@ class WorkloadApiServer:
         socket_mode: int = 0o600,
         owner: int | str | None = None,
         group: int | str | None = None,
+        callers: CallerStores | None = None,
     ) -> None:
+        public = PrivateUnixSocket(
+            socket_path,
+            mode=socket_mode,
+            owner=owner,
+            group=group,
+            label="workload API socket",
+            callers_identified=callers is not None,
+        )
+        self._callers = callers
         self._grpc = UnixGrpcServer(
-            PrivateUnixSocket(
-                socket_path,
-                mode=socket_mode,
-                owner=owner,
-                group=group,
-                label="workload API socket",
-            ),
+            public if callers is None else CallerSocket(public, callers.registry),
             "the SPIFFE Workload API",
             max_request_bytes=MAX_REQUEST_BYTES,
             stop_grace_seconds=STOP_GRACE_SECONDS,
@@ -234,9 +253,11 @@ class WorkloadApiServer:
     async def start(self, store: CredentialStore) -> None:
         """Bind the socket, replacing a stale one, and serve ``store``'s credentials."""
 
+        stores: StoreProvider = self._callers if self._callers is not None else FixedStore(store)
+
         def register(server: aio.Server) -> None:
             self._stopping.clear()
-            self._servicer = _WorkloadApiServicer(store, self._stopping)
+            self._servicer = _WorkloadApiServicer(stores, self._stopping)
             workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self._servicer, server)
 
         await self._grpc.start(register)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -19,6 +20,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 PATH = click.Path(path_type=Path)
 FILE = click.Path(path_type=Path, dir_okay=False)
 DIR = click.Path(path_type=Path, file_okay=False)
+
+
+class _Lines(click.ParamType[str]):
+    """Text whose environment variable holds one value per line (or ``;``-separated)."""
+
+    name = "text"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [part.strip() for part in re.split(r"[\n;]", rv) if part.strip()]
 
 
 class _UsageError(click.ClickException):
@@ -267,6 +277,63 @@ def agent_option(*decls: str, env: str, **kwargs: Any) -> Callable[[F], F]:
     help="The in-process proxy's access log [default: - (standard output)].",
 )
 @agent_option(
+    "--attestation",
+    env="ATTESTATION",
+    type=click.Choice(["none", "k8s", "unix"]),
+    help="Whom the sockets serve: the agent's own identity to everyone who can connect "
+    "(none), each calling pod its own (k8s: one agent per node, with --kubelet-url), or "
+    "each process by --unix-workload rules (unix) [default: none].",
+)
+@agent_option(
+    "--kubelet-url",
+    env="KUBELET_URL",
+    metavar="URL",
+    help="With --attestation k8s: the kubelet's authenticated port, e.g. https://$(NODE_IP):10250.",
+)
+@agent_option(
+    "--kubelet-ca-file",
+    env="KUBELET_CA_FILE",
+    type=FILE,
+    help="PEM bundle that verifies the kubelet's certificate "
+    "[default: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt].",
+)
+@agent_option(
+    "--kubelet-token-file",
+    env="KUBELET_TOKEN_FILE",
+    type=FILE,
+    help="Bearer token for the kubelet, re-read for every request "
+    "[default: /var/run/secrets/kubernetes.io/serviceaccount/token].",
+)
+@agent_option(
+    "--proc-root",
+    env="PROC_ROOT",
+    type=DIR,
+    help="Where calling processes are looked up (<dir>/<pid>/cgroup) [default: /proc].",
+)
+@agent_option(
+    "--attestation-timeout",
+    env="ATTESTATION_TIMEOUT",
+    type=DURATION,
+    help="How long a caller the agent cannot place yet (its pod not listed yet) waits "
+    "before it is refused [default: 10s].",
+)
+@agent_option(
+    "--identity-idle-grace",
+    env="IDENTITY_IDLE_GRACE",
+    type=DURATION,
+    help="An identity unused this long (and held by no pod of the node) is dropped [default: 1m].",
+)
+@agent_option(
+    "--unix-workload",
+    "unix_workloads",
+    env="UNIX_WORKLOADS",
+    type=_Lines(),
+    multiple=True,
+    metavar="'SPIFFE_ID uid=N gid=N path=/exe'",
+    help="With --attestation unix: processes matching every condition given get the ID "
+    "(repeatable; a path is in --trust-domain; in the variable, one rule per line or ';').",
+)
+@agent_option(
     "--log-level",
     env="LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -283,6 +350,10 @@ def agent(config_file: Path | None, **flags: object) -> None:
     its own or together: --sds-socket (Envoy), --workload-api-socket (SPIFFE clients),
     --output-dir (files, with --reload-command or --reload-signal/--reload-pid-file).
 
+    One agent per node: --attestation k8s serves each pod calling the sockets its own
+    identity (obtained from the CA on its behalf); --attestation unix, each process
+    matching a --unix-workload rule.
+
     At start the agent always requests a fresh certificate with a new key. It renews at
     --renew-ratio of the certificate's life and, while the CA is unreachable, keeps
     serving the last valid certificate. SIGHUP renews at once (after fixing what made
@@ -291,7 +362,7 @@ def agent(config_file: Path | None, **flags: object) -> None:
     from meshca.agent.config import load_agent_settings
     from meshca.errors import ConfigError
 
-    for name in ("inbound", "outbound"):  # not given: leave the config file's value
+    for name in ("inbound", "outbound", "unix_workloads"):  # not given: the file's value
         flags[name] = flags[name] or None
     try:
         settings = load_agent_settings(config_file, **flags)

@@ -45,6 +45,9 @@ class PodInfo:
     deleting: bool = False
     """``metadata.deletionTimestamp`` is set: the pod is shutting down, its containers
     may still run for their grace period."""
+    container_ids: frozenset[str] = frozenset()
+    """The runtime's IDs of the pod's containers that have started (init, regular and
+    ephemeral), without the ``containerd://`` scheme."""
 
     @property
     def active(self) -> bool:
@@ -67,6 +70,19 @@ def _text(obj: object, *path: str) -> str | None:
     return obj if isinstance(obj, str) and obj else None
 
 
+def _container_ids(status: object) -> frozenset[str]:
+    ids: set[str] = set()
+    if not isinstance(status, dict):
+        return frozenset()
+    for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+        entries = status.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            text = _text(entry, "containerID")
+            if text is not None and "://" in text:
+                ids.add(text.split("://", 1)[1])
+    return frozenset(ids)
+
+
 def parse_pod(obj: object) -> PodInfo | None:
     """The :class:`PodInfo` of one v1 Pod object; None if it lacks what an identity needs."""
     namespace = _text(obj, "metadata", "namespace")
@@ -85,6 +101,7 @@ def parse_pod(obj: object) -> PodInfo | None:
         node_name=_text(obj, "spec", "nodeName"),
         phase=_text(obj, "status", "phase") or "Unknown",
         deleting=_text(obj, "metadata", "deletionTimestamp") is not None,
+        container_ids=_container_ids(obj.get("status") if isinstance(obj, dict) else None),
     )
 
 
