@@ -138,10 +138,13 @@ class CallerSocket:
 
     async def serve(self, server: aio.Server) -> None:
         """Start ``server`` on the private socket, then the relay on the public path."""
-        self._public.check()
-        private = Path(
-            tempfile.mkdtemp(prefix=f".{self._public.path.name}.", dir=self._public.path.parent)
-        )
+        self._public.check()  # nobody serves on the public path: earlier relays are gone
+        prefix = f".{self._public.path.name}."
+        for stale in self._public.path.parent.glob(prefix + "*"):
+            if stale.is_dir() and not stale.is_symlink():
+                log.info("%s: removing %s, left by an earlier run", self.label, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        private = Path(tempfile.mkdtemp(prefix=prefix, dir=self._public.path.parent))
         self._private = private
         target = private / "grpc"
         if len(os.fsencode(private / f"c{10**9}")) > MAX_SOCKET_PATH_BYTES:

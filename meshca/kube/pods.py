@@ -128,7 +128,13 @@ class PodDirectory:
         if pending is None:
             pending = asyncio.ensure_future(ask())
             self._inflight[key] = pending
-            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+
+            def done(future: asyncio.Future[_Answer]) -> None:
+                self._inflight.pop(key, None)
+                if not future.cancelled():
+                    future.exception()  # read: every waiter may have given up
+
+            pending.add_done_callback(done)
         return await asyncio.shield(pending)
 
     async def _get_pod(self, namespace: str, name: str) -> _Answer:

@@ -194,7 +194,11 @@ async def test_a_connection_around_the_relay_is_refused(env: Node) -> None:
 async def test_the_public_sockets_are_open_to_every_pod_and_the_relay_dir_is_not(
     env: Node,
 ) -> None:
+    stale = env.sockets / ".wl.sock.k1lled"  # what an agent killed with SIGKILL leaves
+    stale.mkdir()
+    (stale / "grpc").write_text("")
     await env.start_agent()
+    assert not stale.exists()
     assert env.wlapi.stat().st_mode & 0o777 == 0o666
     private = [p.parent for p in env.sockets.glob(".*.sock.*/grpc")]
     assert len(private) == 2  # one per socket
