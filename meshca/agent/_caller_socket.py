@@ -199,6 +199,11 @@ class CallerSocket:
             return
         try:
             await asyncio.gather(_copy(reader, inner_writer), _copy(inner_reader, writer))
+        except asyncio.CancelledError:
+            # remove() stops the relay. This is the connection task's outermost frame: end
+            # it normally, as Python 3.11's stream server calls exception() on the task
+            # and reports a cancelled one as an error in its callback.
+            pass
         finally:
             self._registry.remove(peer)
             self._relays.discard(task)

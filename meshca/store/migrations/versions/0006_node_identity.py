@@ -8,7 +8,7 @@ keep both null and verify as before.
 
 Revision ID: 0006_node_identity
 Revises: 0005_join_tokens
-Create Date: 2026-12-06
+Create Date: 2026-12-04
 """
 
 from __future__ import annotations
