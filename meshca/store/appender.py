@@ -5,9 +5,11 @@ path. Through a SQLAlchemy session or ``Connection`` it costs twice the CPU of t
 database's own work (pool checkout, PostgreSQL's pre-ping round trip, events, result
 objects); here the driver's connection (``sqlite3`` or psycopg) is checked out once and
 held, and each batch is four driver calls: lock and read the head, insert the rows (one
-``executemany``), move the head, commit. What reaches the database is what
-:meth:`Store.append_issuances` writes: the same statements, compiled once for the
-dialect, with the same bind processors (:mod:`._prepared`), and the same serialisation
+``executemany``), move the head, commit; on PostgreSQL the last three go in one round trip
+(pipeline mode), so a batch costs two round trips while it holds the head's row lock.
+What reaches the database is what :meth:`Store.append_issuances` writes: the same
+statements, compiled once for the dialect, with the same bind processors
+(:mod:`._prepared`), and the same serialisation
 (the SQLite writer lock, then ``BEGIN IMMEDIATE``; ``SELECT ... FOR UPDATE`` of the
 ``ledger_head`` row on PostgreSQL).
 
@@ -141,18 +143,24 @@ class LedgerAppender:
                     prev_hash = row.row_hash
                     rows.append(row)
                 insert = statements.insert_rows
-                cursor.executemany(insert.sql, [insert.parameters(r.columns()) for r in rows])
-                cursor.execute(
-                    statements.move_head.sql,
-                    statements.move_head.parameters(
-                        {"head_id": HEAD_ID, "new_sequence": sequence, "new_hash": prev_hash}
-                    ),
+                values = [insert.parameters(r.columns()) for r in rows]
+                move = statements.move_head.parameters(
+                    {"head_id": HEAD_ID, "new_sequence": sequence, "new_hash": prev_hash}
                 )
-                committing = True
                 if self._sqlite:
+                    cursor.executemany(insert.sql, values)
+                    cursor.execute(statements.move_head.sql, move)
+                    committing = True
                     cursor.execute("COMMIT")
                 else:
-                    conn.commit()
+                    # The rows, the head and COMMIT in one round trip (psycopg's pipeline
+                    # mode): the head's row lock is held for one round trip less per
+                    # statement, and every other writer waits for that lock.
+                    committing = True
+                    with conn.pipeline():
+                        cursor.executemany(insert.sql, values)
+                        cursor.execute(statements.move_head.sql, move)
+                        conn.commit()
                 return rows
             except BaseException as exc:
                 self._rollback(conn)
