@@ -62,6 +62,12 @@ async def test_two_workloads_each_get_their_own_svid_over_the_workload_api(env: 
     assert db["svid"]["spiffe_id"] == DB and db["svid"]["key_matches_leaf"]
     assert web["context"]["chain_verifies"] is True
     assert sorted(map(str, agent.pool.identities())) == [DB, WEB]
+    assert agent.readiness().status == 200
+    assert agent.readiness().body == b"ready\nserving 2 identities\n"
+    assert agent.status_line().startswith(
+        f"meshca node agent ready: attestation k8s, serving pods of this node (kubelet "
+        f"{env.kubelet.url})"
+    )
     # The CA's ledger says who asked, and on which node.
     rows = env.ca.running.store.list_ledger(spiffe_id=WEB)
     assert [(r.agent_spiffe_id, r.node_name) for r in rows] == [(AGENT, "node-a")]
@@ -90,7 +96,7 @@ async def test_pods_with_one_identity_share_one_certificate(env: Node) -> None:
 
 
 async def test_a_process_in_no_pod_waits_then_is_refused(env: Node) -> None:
-    await env.start_agent(attestation_timeout="500ms")
+    agent = await env.start_agent(attestation_timeout="500ms")
     own_pid_placed_as(env, "0::/system.slice/sshd.service\n")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await fetch_in_process(env.wlapi)
@@ -98,6 +104,8 @@ async def test_a_process_in_no_pod_waits_then_is_refused(env: Node) -> None:
     details = info.value.details() or ""
     assert f"process {os.getpid()}" in details
     assert "runs in no Kubernetes pod; waited 0.5s" in details
+    metrics = agent.metrics.exposition().decode()
+    assert 'meshca_agent_callers_refused_total{reason="caller_not_in_a_known_pod"} 1.0' in metrics
 
 
 async def test_a_pod_the_kubelet_lists_late_is_served_once_listed(env: Node) -> None:
