@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from meshca.errors import StoreError
 from meshca.store._prepared import LedgerAppend
-from meshca.store.chain import LedgerRow, NewIssuance
+from meshca.store.chain import LedgerRow, NewIssuance, extend_chain
 from meshca.store.engine import redact, wrap_error
 
 HEAD_ID = 1
@@ -128,24 +128,15 @@ class LedgerAppender:
                 cursor.execute(
                     statements.read_head.sql, statements.read_head.parameters({"head_id": HEAD_ID})
                 )
-                head = cursor.fetchone()
-                if head is None:
-                    raise StoreError(
-                        f"the ledger_head row is missing in {redact(self._url)}; the ledger "
-                        "cannot be extended (run the ledger verification)",
-                        reason="ledger_corrupt",
-                    )
-                sequence, prev_hash = int(head[0]), str(head[1])
-                rows: list[LedgerRow] = []
-                for new in entries:
-                    sequence += 1
-                    row = new.to_row(sequence, prev_hash)
-                    prev_hash = row.row_hash
-                    rows.append(row)
+                rows = extend_chain(cursor.fetchone(), entries, redact(self._url))
                 insert = statements.insert_rows
                 values = [insert.parameters(r.columns()) for r in rows]
                 move = statements.move_head.parameters(
-                    {"head_id": HEAD_ID, "new_sequence": sequence, "new_hash": prev_hash}
+                    {
+                        "head_id": HEAD_ID,
+                        "new_sequence": rows[-1].sequence,
+                        "new_hash": rows[-1].row_hash,
+                    }
                 )
                 if self._sqlite:
                     cursor.executemany(insert.sql, values)

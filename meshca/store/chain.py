@@ -49,10 +49,12 @@ off the host, a transparency log) is what makes that visible too.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from meshca.errors import StoreError
 from meshca.store._types import to_utc
 from meshca.store.models import LedgerEntry
 
@@ -206,3 +208,24 @@ def canonical_bytes(entry: LedgerEntry | LedgerRow) -> bytes:
 def row_hash(entry: LedgerEntry | LedgerRow) -> str:
     """The ``row_hash`` that ``entry``'s contents commit to (lowercase hex SHA-256)."""
     return hashlib.sha256(canonical_bytes(entry)).hexdigest()
+
+
+def extend_chain(
+    head: Sequence[Any] | None, entries: Sequence[NewIssuance], where: str
+) -> list[LedgerRow]:
+    """The rows that extend a ledger whose head row reads ``(sequence, hash)`` by ``entries``,
+    in order, each chained to the one before; ``where`` names the database in the error."""
+    if head is None:
+        raise StoreError(
+            f"the ledger_head row is missing in {where}; the ledger cannot be extended "
+            "(run the ledger verification)",
+            reason="ledger_corrupt",
+        )
+    sequence, prev_hash = int(head[0]), str(head[1])
+    rows: list[LedgerRow] = []
+    for new in entries:
+        sequence += 1
+        row = new.to_row(sequence, prev_hash)
+        prev_hash = row.row_hash
+        rows.append(row)
+    return rows

@@ -29,7 +29,7 @@ from meshca.store import join_tokens, migrate, readiness, root_lifecycle
 from meshca.store._prepared import LedgerAppend
 from meshca.store._types import to_utc
 from meshca.store.appender import LedgerAppender
-from meshca.store.chain import LedgerRow, NewIssuance
+from meshca.store.chain import LedgerRow, NewIssuance, extend_chain
 from meshca.store.engine import (
     SQLITE_BEGIN_OPTION,
     make_engine,
@@ -387,22 +387,15 @@ class Store:
         statements = self._ledger_append
         with self._transaction("appending to the ledger") as conn:
             head = statements.read_head.execute(conn, {"head_id": HEAD_ID}).first()
-            if head is None:
-                raise StoreError(
-                    f"the ledger_head row is missing in {self.redacted_url()}; the ledger "
-                    "cannot be extended (run the ledger verification)",
-                    reason="ledger_corrupt",
-                )
-            sequence, prev_hash = int(head[0]), str(head[1])
-            rows: list[LedgerRow] = []
-            for new in entries:
-                sequence += 1
-                row = new.to_row(sequence, prev_hash)
-                prev_hash = row.row_hash
-                rows.append(row)
+            rows = extend_chain(head, entries, self.redacted_url())
             statements.insert_rows.execute_many(conn, [row.columns() for row in rows])
             statements.move_head.execute(
-                conn, {"head_id": HEAD_ID, "new_sequence": sequence, "new_hash": prev_hash}
+                conn,
+                {
+                    "head_id": HEAD_ID,
+                    "new_sequence": rows[-1].sequence,
+                    "new_hash": rows[-1].row_hash,
+                },
             )
         return rows
 
