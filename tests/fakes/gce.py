@@ -27,13 +27,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+
+from tests.fakes.loopback import LoopbackApp
 
 GOOGLE_ISSUER = "https://accounts.google.com"
 CERTS_PATH = "/oauth2/v3/certs"
@@ -143,41 +145,14 @@ def identity_claims(
     return claims
 
 
-class _Loopback:
-    """An aiohttp app on 127.0.0.1, port chosen by the OS."""
-
-    def __init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
-
+class _Loopback(LoopbackApp):
     def _routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    async def start(self) -> None:
+    def build(self) -> web.Application:
         app = web.Application()
         self._routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self._url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        if self._url is None:
-            raise RuntimeError(f"{type(self).__name__} is not started")
-        return self._url
+        return app
 
 
 class FakeGoogleCerts(_Loopback):

@@ -32,17 +32,16 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from tests.fakes.loopback import LoopbackApp, serving_tls
 
 DEFAULT_AUDIENCE = "istio-ca"
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -145,7 +144,7 @@ def _status(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(body, status=code)
 
 
-class FakeKubeApi:
+class FakeKubeApi(LoopbackApp):
     """A fake API server: OIDC discovery, JWKS and TokenReview v1 on 127.0.0.1.
 
     Args:
@@ -178,15 +177,14 @@ class FakeKubeApi:
         api_audiences: Sequence[str] | None = None,
         tls_dir: Path | None = None,
     ) -> None:
+        super().__init__()
         self._issuer = issuer
         self.keys: list[SigningKey] = list(keys) if keys else [SigningKey.generate(algorithm)]
         self.active_kid = self.keys[0].kid
         self.expected_bearer = expected_bearer
         self._api_audiences = list(api_audiences) if api_audiences is not None else None
         self._tls_dir = tls_dir
-        self.ca_file: Path | None = None
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
+        self.ca_file: Path | None = tls_dir / "ca.pem" if tls_dir is not None else None
 
         self.tokenreview_calls = 0
         self.jwks_fetches = 0
@@ -202,39 +200,17 @@ class FakeKubeApi:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 on a port the OS picks."""
+    def build(self) -> web.Application:
         app = web.Application()
         app.router.add_get(DISCOVERY_PATH, self._discovery)
         app.router.add_get(JWKS_PATH, self._jwks)
         app.router.add_post(TOKENREVIEW_PATH, self._tokenreview)
-        # A short grace period: tests stop the fake with slow (``delay``) requests in flight.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        context = self._server_tls() if self._tls_dir is not None else None
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self._url = f"{'https' if context else 'http'}://127.0.0.1:{port}"
+        return app
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http(s)://127.0.0.1:<port>``, without a trailing slash."""
-        if self._url is None:
-            raise RuntimeError("FakeKubeApi is not started")
-        return self._url
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self._tls_dir is None or self.ca_file is None:
+            return None
+        return serving_tls(self._tls_dir, "kube-apiserver", self.ca_file)
 
     @property
     def issuer(self) -> str:
@@ -462,70 +438,3 @@ class FakeKubeApi:
     async def _pause(self) -> None:
         if self.delay:
             await asyncio.sleep(self.delay)
-
-    # -- TLS --------------------------------------------------------------------------
-
-    def _server_tls(self) -> ssl.SSLContext:
-        """A throw-away CA and a server certificate for 127.0.0.1 and localhost.
-
-        Validity is a fixed wide window so frozen clocks in tests do not matter.
-        """
-        assert self._tls_dir is not None
-        self._tls_dir.mkdir(parents=True, exist_ok=True)
-        not_before, not_after = datetime(2000, 1, 1, tzinfo=UTC), datetime(2099, 1, 1, tzinfo=UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-kube-api CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        pem = serialization.Encoding.PEM
-        self.ca_file = self._tls_dir / "ca.pem"
-        self.ca_file.write_bytes(ca_cert.public_bytes(pem))
-        cert_file, key_file = self._tls_dir / "server.pem", self._tls_dir / "server-key.pem"
-        cert_file.write_bytes(cert.public_bytes(pem))
-        key_file.write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert_file, key_file)
-        return context

@@ -21,9 +21,11 @@ import json
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
+
+from tests.fakes.loopback import LoopbackApp
 
 Obj = dict[str, Any]
 
@@ -41,7 +43,7 @@ def _status(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(body, status=code)
 
 
-class FakeKubeObjects:
+class FakeKubeObjects(LoopbackApp):
     """Namespaces, ConfigMaps and Leases on 127.0.0.1 (a port the OS picks)."""
 
     def __init__(
@@ -50,6 +52,7 @@ class FakeKubeObjects:
         namespaces: Iterable[str] = ("default", "kube-system"),
         expected_bearer: str | None = "meshca-writer-token",
     ) -> None:
+        super().__init__()
         self.expected_bearer = expected_bearer
         self._version = 0
         self.namespaces: dict[str, Obj] = {}
@@ -57,8 +60,6 @@ class FakeKubeObjects:
         self.leases: dict[tuple[str, str], Obj] = {}
         self._events: list[tuple[int, str, Obj]] = []  # namespace watch events
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
         self.down = False
         self.requests: list[tuple[str, str]] = []
         for name in namespaces:
@@ -66,7 +67,7 @@ class FakeKubeObjects:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def build(self) -> web.Application:
         app = web.Application(middlewares=[self._gate])
         ns = "/api/v1/namespaces"
         app.router.add_get(ns, self._list_namespaces)
@@ -77,29 +78,7 @@ class FakeKubeObjects:
         app.router.add_get(leases + "/{name}", self._get_lease)
         app.router.add_post(leases, self._create_lease)
         app.router.add_put(leases + "/{name}", self._replace_lease)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("FakeKubeObjects is not started")
-        return self._url
+        return app
 
     # -- what tests do ----------------------------------------------------------------
 
