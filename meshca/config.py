@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -48,6 +49,16 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
 ]
+
+
+def _api_server_url(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError(f"api_server {value!r} must be an http(s) URL")
+    return value.rstrip("/")
+
+
+ApiServerUrl = Annotated[str, AfterValidator(_api_server_url)]
+"""A Kubernetes API server's URL, without a trailing slash."""
 
 DEFAULT_AUDIENCE = "istio-ca"
 DEFAULT_CLUSTER_ID = "Kubernetes"
@@ -248,7 +259,7 @@ class BundleConfigMapConfig(_Strict):
     enabled: bool = False
     name: str = "istio-ca-root-cert"
     key: str = "root-cert.pem"
-    api_server: str | None = None
+    api_server: ApiServerUrl | None = None
     """The API server's URL; default: in-cluster (KUBERNETES_SERVICE_HOST and _PORT)."""
     ca_file: Path = SERVICE_ACCOUNT_DIR / "ca.crt"
     """PEM bundle that verifies the API server's TLS certificate."""
@@ -267,13 +278,6 @@ class BundleConfigMapConfig(_Strict):
     """How often every namespace's ConfigMap is checked again (repairs edits, deletions)."""
     timeout: Duration = timedelta(seconds=10)
     """Per API call."""
-
-    @field_validator("api_server")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("https://", "http://")):
-            raise ValueError(f"api_server {value!r} must be an http(s) URL")
-        return value.rstrip("/") if value is not None else None
 
     @model_validator(mode="after")
     def _timing(self) -> BundleConfigMapConfig:
@@ -332,7 +336,7 @@ class NodeAgentsConfig(_Strict):
     cluster_id: str | None = None
     """The cluster whose tokens those service accounts present (and whose API server is
     asked about pods); default: ``default_cluster``, or the only cluster."""
-    api_server: str | None = None
+    api_server: ApiServerUrl | None = None
     """The API server asked about pods; default: in-cluster (KUBERNETES_SERVICE_HOST)."""
     ca_file: Path = SERVICE_ACCOUNT_DIR / "ca.crt"
     """PEM bundle that verifies the API server's TLS certificate."""
@@ -363,13 +367,6 @@ class NodeAgentsConfig(_Strict):
                     "meshca-system/meshca-agent"
                 )
         return list(dict.fromkeys(value))
-
-    @field_validator("api_server")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("https://", "http://")):
-            raise ValueError(f"api_server {value!r} must be an http(s) URL")
-        return value.rstrip("/") if value is not None else None
 
     @model_validator(mode="after")
     def _timing(self) -> NodeAgentsConfig:

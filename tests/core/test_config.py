@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshca.cli.main import main
-from meshca.config import JwtCluster, TokenReviewCluster, load_settings
+from meshca.config import JwtCluster, Settings, TokenReviewCluster, load_settings
 from meshca.durations import format_duration, parse_duration
 from meshca.errors import ConfigError
 
@@ -207,3 +207,16 @@ def test_yaml_that_is_not_a_mapping_of_settings_says_so(
     with pytest.raises(ConfigError) as info:
         load_settings(config, state_dir=tmp_path / "state")
     assert info.value.message.startswith(f"config file {config}: {problem}")
+
+
+@pytest.mark.parametrize("section", ["bundle_configmap", "node_agents"])
+def test_an_api_server_must_be_an_http_url(section: str) -> None:
+    def settings_with(url: str) -> Settings:
+        if section == "bundle_configmap":
+            return load_settings(bundle_configmap={"api_server": url})
+        return load_settings(node_agents={"api_server": url})
+
+    with pytest.raises(ConfigError, match=r"api_server 'ftp://k8s' must be an http\(s\) URL"):
+        settings_with("ftp://k8s")
+    settings = settings_with("https://k8s:6443/")
+    assert getattr(settings, section).api_server == "https://k8s:6443"
