@@ -10,7 +10,8 @@ outputs; it is never logged or shown in ``repr``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.pki.keys import PrivateKey
 from meshca.spiffe import SpiffeId, TrustDomain
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +140,13 @@ class CredentialSink(Protocol):
     async def start(self, store: CredentialStore) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+async def stop_sinks(sinks: Sequence[tuple[str, CredentialSink]]) -> None:
+    """Stop ``(name, sink)`` pairs in reverse order of starting; a sink that fails to stop is
+    logged and the rest still stop."""
+    for name, sink in reversed(sinks):
+        try:
+            await sink.stop()
+        except OSError as exc:
+            log.warning("stopping %s: %s", name, exc)

@@ -30,6 +30,7 @@ from prometheus_client import (
 
 from meshca.agent.credentials import CredentialStore
 from meshca.agent.http import METRICS_CONTENT_TYPE, Answer, HealthServer, readiness
+from meshca.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +140,18 @@ async def start_http(
         }
     )
     return server, await server.start(host, port)
+
+
+async def listen_http(
+    listen: str,
+    store: CredentialStore,
+    metrics: AgentMetrics,
+    ready: Callable[[], Answer] | None = None,
+) -> tuple[HealthServer, int]:
+    """:func:`start_http` on ``--http-listen``'s ``HOST:PORT`` (an IPv6 host in brackets);
+    an address that cannot be bound is a ConfigError naming it."""
+    host, _, port = listen.rpartition(":")
+    try:
+        return await start_http(host.strip("[]"), int(port), store, metrics, ready)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for HTTP on {listen}: {exc.strerror or exc}") from exc

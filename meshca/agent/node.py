@@ -30,11 +30,11 @@ from meshca.agent.attestation import (
 )
 from meshca.agent.client import CAClient
 from meshca.agent.config import AgentSettings
-from meshca.agent.credentials import CredentialSink, CredentialStore
+from meshca.agent.credentials import CredentialSink, CredentialStore, stop_sinks
 from meshca.agent.http import Answer, HealthServer
 from meshca.agent.identities import CallerStores, IdentityPool
 from meshca.agent.kubelet import KubeletPods
-from meshca.agent.metrics import AgentMetrics, start_http
+from meshca.agent.metrics import AgentMetrics, listen_http
 from meshca.agent.rotation import SVID_ONLY_RENEWAL, Backoff, RenewalSchedule, RotationEngine
 from meshca.agent.trust import TrustAnchors, TrustError
 from meshca.errors import ConfigError
@@ -106,11 +106,7 @@ class RunningNodeAgent:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        for name, sink in reversed(self.sinks):
-            try:
-                await sink.stop()
-            except OSError as exc:
-                log.warning("stopping %s: %s", name, exc)
+        await stop_sinks(self.sinks)
         await self.pool.close()
         if self.http_server is not None:
             await self.http_server.stop()
@@ -282,15 +278,9 @@ async def start_node_agent(settings: AgentSettings) -> RunningNodeAgent:
             await sink.start(CredentialStore())  # each caller is served its own store
             started.append((name, sink))
         if settings.http_listen is not None:
-            host, _, port = settings.http_listen.rpartition(":")
-            try:
-                node.http_server, node.http_port = await start_http(
-                    host.strip("[]"), int(port), CredentialStore(), metrics, node.readiness
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen for HTTP on {settings.http_listen}: {exc.strerror or exc}"
-                ) from exc
+            node.http_server, node.http_port = await listen_http(
+                settings.http_listen, CredentialStore(), metrics, node.readiness
+            )
     except BaseException:
         for _, sink in reversed(started):
             await sink.stop()

@@ -33,9 +33,14 @@ from meshca.agent.credential_sources import (
     ProjectedTokenFile,
     credential_source,
 )
-from meshca.agent.credentials import CredentialSink, CredentialStore, X509Credentials
+from meshca.agent.credentials import (
+    CredentialSink,
+    CredentialStore,
+    X509Credentials,
+    stop_sinks,
+)
 from meshca.agent.http import HealthServer
-from meshca.agent.metrics import AgentMetrics, start_http
+from meshca.agent.metrics import AgentMetrics, listen_http
 from meshca.agent.rotation import Backoff, RenewalSchedule, RotationEngine
 from meshca.agent.trust import BundleFile, BundleSource, PinnedBundleUrl, TrustAnchors
 from meshca.errors import ConfigError, SpiffeIdError
@@ -106,11 +111,7 @@ class RunningAgent:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        for name, sink in reversed(self.sinks):
-            try:
-                await sink.stop()
-            except OSError as exc:
-                log.warning("stopping %s: %s", name, exc)
+        await stop_sinks(self.sinks)
         if self.http_server is not None:
             await self.http_server.stop()
         await self.client.close()
@@ -327,15 +328,8 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
             await sink.start(store)
             started.append((name, sink))
         if settings.http_listen is not None:
-            host, _, port = settings.http_listen.rpartition(":")
-            try:
-                http_server, http_port = await start_http(
-                    host.strip("[]"), int(port), store, metrics
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen for HTTP on {settings.http_listen}: {exc.strerror or exc}"
-                ) from exc
+            http_server, http_port = await listen_http(settings.http_listen, store, metrics)
+            host = settings.http_listen.rpartition(":")[0]
             log.info("health and metrics on %s:%d", host, http_port)
     except BaseException:
         for _, sink in reversed(started):

@@ -4,6 +4,7 @@ and what ``meshca agent`` imports (every pod runs one, so its memory counts)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,8 @@ from cryptography.x509.oid import NameOID
 
 from meshca.agent import http
 from meshca.agent.credentials import CredentialStore
-from meshca.agent.metrics import AgentMetrics, start_http
+from meshca.agent.metrics import AgentMetrics, listen_http, start_http
+from meshca.errors import ConfigError
 from meshca.spiffe import SpiffeId
 
 
@@ -199,3 +201,18 @@ def test_agent_command_imports_neither_the_ca_nor_a_web_framework() -> None:
         "meshca.proxy",
     ):
         assert absent not in loaded, f"meshca agent imports {absent}"
+
+
+async def test_listen_http_names_an_address_it_cannot_bind() -> None:
+    store, metrics = CredentialStore(), AgentMetrics()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=f"^cannot listen for HTTP on {listen}: "):
+            await listen_http(listen, store, metrics)
+    server, port = await listen_http("127.0.0.1:0", store, metrics)
+    try:
+        assert port > 0
+    finally:
+        await server.stop()
