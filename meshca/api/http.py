@@ -68,6 +68,9 @@ class CachedCheck:
             return
         if self._running is None:
             self._running = asyncio.ensure_future(self._run())
+            # Read the outcome even when every probe gave up waiting, or asyncio reports a
+            # failed run as "exception was never retrieved".
+            self._running.add_done_callback(_read_outcome)
         # shield: a probe that times out must not cancel the run the others wait for.
         await asyncio.shield(self._running)
 
@@ -77,13 +80,15 @@ class CachedCheck:
         except MeshcaError as exc:
             self._failure, self._valid_until = exc, self._clock() + self._failed_for
             raise
-        except BaseException:
-            self._valid_until = float("-inf")
-            raise
         else:
             self._failure, self._valid_until = None, self._clock() + self._ok_for
         finally:
             self._running = None
+
+
+def _read_outcome(run: asyncio.Future[None]) -> None:
+    if not run.cancelled():
+        run.exception()
 
 
 async def bundle(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 from pathlib import Path
 
@@ -131,3 +132,26 @@ async def test_a_probe_that_gives_up_does_not_cancel_the_shared_run() -> None:
     gate.set()
     await waiting
     assert runs == 1
+
+
+async def test_a_failure_nobody_waited_for_is_not_reported_as_unretrieved() -> None:
+    gate = asyncio.Event()
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+    async def check() -> None:
+        await gate.wait()
+        raise StoreError("ledger head: held", reason="ledger_not_writable")
+
+    cached = CachedCheck(check, ok_for=30, failed_for=1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(cached(), 0.01)
+    gate.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    del cached
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert reported == []
