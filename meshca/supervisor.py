@@ -222,12 +222,17 @@ class Supervisor:
             name=f"meshca-worker-{index}",
         )
         # The worker inherits SIGINT ignored: Ctrl-C reaches the whole process group, and
-        # the supervisor alone decides what it means (SIGTERM to the workers).
+        # the supervisor alone decides what it means (SIGTERM to the workers). SIGINT is
+        # blocked meanwhile, so a Ctrl-C in that window waits for the supervisor's handler
+        # instead of being ignored by it too (Linux keeps a blocked signal pending even
+        # while its action is to ignore it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             process.start()
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         child.close()
         return _Worker(index, process, parent, time.monotonic())
 

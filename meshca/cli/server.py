@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -225,23 +227,49 @@ def server(config_file: Path | None, **flags: object) -> None:
     self-signed root under the state directory, and a SQLite ledger beside them; later
     starts reuse both.
     """
-    for name in ("server_dns_names", "token_audience", "gce_projects"):
-        if flags.get(name) == ():
-            flags[name] = None
-    settings = load(config_file, **flags)
-    setup_logging(settings.log_level, background=True)
-    workers = settings.workers or os.cpu_count() or 1
     try:
+        for name in ("server_dns_names", "token_audience", "gce_projects"):
+            if flags.get(name) == ():
+                flags[name] = None
+        settings = load(config_file, **flags)
+        setup_logging(settings.log_level, background=True)
+        workers = settings.workers or os.cpu_count() or 1
         if workers > 1:
             from meshca.supervisor import Supervisor
 
             sys.exit(Supervisor(settings, workers).run())
         _serve_alone(settings)
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
+        _interrupted_during_start_up()
     except KeyboardInterrupt:
         # Once serving, SIGINT stops the server gracefully (exit 0); a KeyboardInterrupt
-        # that gets here came before: no traceback, the code a shell gives SIGINT.
-        click.echo("meshca: interrupted during start-up", err=True)
-        sys.exit(130)
+        # that gets here came before.
+        _interrupted_during_start_up()
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps a KeyboardInterrupt (pydantic, for one, turns an interrupt
+    that lands while it builds a validator into a SchemaError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _interrupted_during_start_up() -> NoReturn:
+    """Leave at once, with the code a shell gives SIGINT and no traceback. What could be
+    undone already was, on the way here; an interrupt that landed in an import makes the
+    interpreter's own exit kill itself with SIGINT instead of returning 130, and that exit
+    would also wait for start-up threads still busy."""
+    click.echo("meshca: interrupted during start-up", err=True)
+    logging.shutdown()
+    os._exit(130)
 
 
 def _serve_alone(settings: Settings) -> None:
