@@ -4,6 +4,7 @@ ports is refused, and workers never outlive their supervisor, however it ends.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -161,10 +162,19 @@ async def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path, worker
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, as a shell job has
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
         await asyncio.sleep(delay)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        out, err = await asyncio.wait_for(process.communicate(), 30)
+        communicating = asyncio.ensure_future(process.communicate())
+        try:
+            out, err = await asyncio.wait_for(asyncio.shield(communicating), 30)
+        except TimeoutError:
+            # Still running 30 s after Ctrl-C: have each process print where it is stuck.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGABRT)
+            _, err = await asyncio.wait_for(communicating, 30)
+            pytest.fail(f"no exit 30 s after SIGINT at {delay}s; stacks:\n{err.decode()[-8000:]}")
         assert "Traceback" not in err.decode(), (delay, err.decode())
         if "meshca ready" in out.decode():  # started before the signal: a clean stop
             assert process.returncode == 0, err.decode()
