@@ -13,17 +13,16 @@ import os
 import re
 import tomllib
 from datetime import timedelta
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
-    PlainSerializer,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -36,19 +35,14 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
 )
 
-from meshca.config_problems import YamlSource, describe, syntax_error
-from meshca.durations import format_duration, parse_duration
+from meshca.config_problems import describe, not_utf8, settings_mapping, syntax_error
+from meshca.durations import Duration, format_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.spiffe import SpiffeId, TrustDomain
-
-Duration = Annotated[
-    timedelta,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
-]
 
 
 def _api_server_url(value: str) -> str:
@@ -406,6 +400,18 @@ def default_state_dir() -> Path:
 
 
 _CONFIG_FILE: dict[str, Path | None] = {}
+
+
+class YamlSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, refusing in plain words a file that is not UTF-8
+    or whose top level is not a mapping of settings (a list, a bare string)."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            data: object = super()._read_file(file_path)
+        except UnicodeDecodeError as exc:
+            raise not_utf8(file_path, exc) from None
+        return settings_mapping(data, file_path)
 
 
 class FileSettings(BaseSettings):

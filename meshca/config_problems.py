@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from pydantic_settings import YamlConfigSettingsSource
 
 from meshca.errors import ConfigError
 
@@ -106,24 +105,41 @@ def syntax_error(config_file: Path, exc: Exception) -> ConfigError:
     return ConfigError(f"config file {config_file}: YAML error: {' '.join(str(exc).split())}")
 
 
-class YamlSource(YamlConfigSettingsSource):
-    """pydantic-settings' YAML source, refusing in plain words a file that is not UTF-8
-    or whose top level is not a mapping of settings (a list, a bare string)."""
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a YAML or TOML config file (by its suffix), as the file sources
+    of pydantic-settings read them, with the same refusals as :class:`meshca.config.
+    YamlSource`: for a settings model that does without pydantic-settings (the agent's).
+    A YAML or TOML syntax error is raised as the parser's own (see :func:`syntax_error`)."""
+    data: object
+    if path.suffix.lower() == ".toml":
+        with path.open("rb") as toml_file:
+            data = tomllib.load(toml_file)
+    else:
+        import yaml  # only a YAML config file needs the parser
 
-    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
         try:
-            data: object = super()._read_file(file_path)
+            with path.open(encoding="utf-8") as yaml_file:
+                data = yaml.safe_load(yaml_file) or {}
         except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {file_path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
-                f"at offset {exc.start})"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {file_path}: the top level is a {_yaml_kind(data)}; it must be "
-                "a mapping of settings, one 'name: value' per line"
-            )
-        return data
+            raise not_utf8(path, exc) from None
+    return settings_mapping(data, path)
+
+
+def not_utf8(path: Path | Traversable, exc: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(
+        f"config file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+        f"at offset {exc.start})"
+    )
+
+
+def settings_mapping(data: object, path: Path | Traversable) -> dict[str, Any]:
+    """``data`` when it is a mapping of settings; ConfigError naming what it is instead."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: the top level is a {_yaml_kind(data)}; it must be "
+            "a mapping of settings, one 'name: value' per line"
+        )
+    return data
 
 
 def _yaml_kind(data: object) -> str:

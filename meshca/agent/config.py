@@ -49,23 +49,30 @@ Whom the sockets serve (``attestation``):
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
 import shlex
 import signal
+import tomllib
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic_settings import (
-    NoDecode,
-    SettingsConfigDict,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 
 from meshca.agent.credential_sources import DEFAULT_GCE_METADATA_URL
-from meshca.config import Duration, FileSettings, load_from_sources
-from meshca.durations import format_duration
+from meshca.config_problems import describe, read_config_file, syntax_error
+from meshca.durations import Duration, format_duration
 from meshca.errors import ConfigError, SpiffeIdError
 from meshca.pki.keys import KeyAlgorithm
 from meshca.spiffe import SpiffeId, TrustDomain
@@ -154,21 +161,17 @@ class UnixWorkload(BaseModel):
         return self
 
 
-class AgentSettings(FileSettings):
-    """Everything ``meshca agent`` reads. See the module docstring for the trust rules."""
+class AgentSettings(BaseModel):
+    """Everything ``meshca agent`` reads. See the module docstring for the trust rules;
+    :func:`load_agent_settings` gathers the values."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     ca_address: str
     """The CA's token port (TLS), HOST:PORT."""
     ca_trust_bundle: Path | None = None
     ca_bundle_url: str | None = None
-    ca_bundle_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ca_bundle_sha256: list[str] = Field(default_factory=list)
     """SHA-256 fingerprints (hex, colons allowed) of roots; one must be in the bundle."""
     ca_plaintext: bool = False
     ca_server_name: str | None = None
@@ -230,11 +233,11 @@ class AgentSettings(FileSettings):
     identity_idle_grace: Duration = timedelta(minutes=1)
     """An identity no connection has used this long, and no pod on the node has, is
     dropped."""
-    unix_workloads: Annotated[list[UnixWorkload], NoDecode] = Field(default_factory=list)
+    unix_workloads: list[UnixWorkload] = Field(default_factory=list)
     """``attestation: unix`` rules; see :class:`UnixWorkload`."""
-    inbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    inbound: list[str] = Field(default_factory=list)
     """The mTLS proxy in this process (meshca.proxy): ``LISTEN=APP_ADDR[,http]``."""
-    outbound: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    outbound: list[str] = Field(default_factory=list)
     """``LISTEN=REMOTE_ADDR,EXPECTED_SPIFFE_ID[,...][,http]`` (see ``meshca proxy``)."""
     proxy_policy: Path | None = None
     proxy_access_log: str = "-"
@@ -611,5 +614,47 @@ class AgentSettings(FileSettings):
 
 def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
     """Build AgentSettings from the file, the environment and ``overrides`` (flags;
-    None = unset). Raises ConfigError with every problem listed, each naming its field."""
-    return load_from_sources(AgentSettings, config_file, overrides, what="agent configuration")
+    None = unset), later winning. Raises ConfigError with every problem listed, each
+    naming its field.
+
+    The sources are gathered here, as pydantic-settings' would be for the CA's settings
+    (:func:`meshca.config.load_from_sources`), with the same messages; importing
+    pydantic-settings (its providers, argparse, importlib.metadata) would add 5 MiB to
+    every agent. Every setting is one flat value, so a later source replaces a key; the
+    list settings split a string (a variable, a flag) in their own validators.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_file_values(config_file))
+    values.update(environment_values(os.environ))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(describe(err, AgentSettings, ENV_PREFIX) for err in exc.errors())
+        raise ConfigError(f"invalid agent configuration: {problems}") from exc
+
+
+def environment_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings given as ``MESHCA_AGENT_<NAME>`` variables; names are matched without
+    regard to case (as pydantic-settings does), other variables are ignored."""
+    wanted = {f"{ENV_PREFIX}{name}".lower(): name for name in AgentSettings.model_fields}
+    return {wanted[key.lower()]: value for key, value in environ.items() if key.lower() in wanted}
+
+
+def _file_values(config_file: Path) -> dict[str, Any]:
+    if not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist or is not a file")
+    if config_file.suffix.lower() not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"config file {config_file} must end in .yaml, .yml or .toml")
+    syntax_errors: tuple[type[Exception], ...] = (tomllib.TOMLDecodeError,)
+    if config_file.suffix.lower() != ".toml":
+        import yaml  # only a YAML config file needs the parser (the agent runs in every pod)
+
+        syntax_errors = (yaml.YAMLError, tomllib.TOMLDecodeError)
+    try:
+        return read_config_file(config_file)
+    except syntax_errors as exc:
+        raise syntax_error(config_file, exc) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent configuration: {exc}") from exc

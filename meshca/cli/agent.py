@@ -11,8 +11,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from meshca.cli.common import env_option, fail, reports_errors, setup_logging
-from meshca.cli.server import DURATION
+from meshca.cli.common import DURATION, env_option, fail, reports_errors, setup_logging
 from meshca.pki.keys import KeyAlgorithm
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -11,12 +11,15 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from meshca.config import Settings, load_settings
+from meshca.durations import parse_duration
 from meshca.errors import ConfigError, MeshcaError, SignerError
+
+if TYPE_CHECKING:
+    from meshca.config import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,10 +65,33 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def load(config_file: Path | None, **overrides: Any) -> Settings:
+    # Imported here: the CA's settings models are no part of ``meshca agent``.
+    from meshca.config import load_settings
+
     try:
         return load_settings(config_file, **overrides)
     except ConfigError as exc:
         fail(exc.message, 2)
+
+
+class DurationParam(click.ParamType):  # type: ignore[type-arg]
+    """``90s``, ``30m``, ``24h``, ``10y``: the same syntax as the config file."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+DURATION = DurationParam()
 
 
 EXIT_CODES = """\b

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from meshca.cli.common import env_option, fail, reports_errors, setup_logging
-from meshca.cli.server import DURATION
+from meshca.cli.common import DURATION, env_option, fail, reports_errors, setup_logging
 
 FILE = click.Path(path_type=Path, dir_okay=False)
 

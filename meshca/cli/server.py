@@ -12,6 +12,7 @@ from typing import NoReturn
 import click
 
 from meshca.cli.common import (
+    DURATION,
     EXIT_CODES,
     env_option,
     load,
@@ -20,7 +21,6 @@ from meshca.cli.common import (
     setup_logging,
 )
 from meshca.config import Settings
-from meshca.durations import parse_duration
 
 SIGNER_HELP = """\b
 Root key (signer), chosen in the config file's signer: section or by MESHCA_SIGNER__*
@@ -36,26 +36,6 @@ variables (no flags: the choice belongs with the key's other settings):
 With pkcs11 or gcpkms, create the root first: meshca admin root create --help.
 issuing_key: memory (default) keeps intermediate keys in process memory; hsm keeps
 them in the PKCS#11 token too (MESHCA_ISSUING_KEY=hsm)."""
-
-
-class DurationParam(click.ParamType):  # type: ignore[type-arg]
-    """``90s``, ``30m``, ``24h``, ``10y``: the same syntax as the config file."""
-
-    name = "duration"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> object:
-        if not isinstance(value, str):
-            return value
-        try:
-            parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        return value
-
-
-DURATION = DurationParam()
 
 
 @click.command(epilog=SIGNER_HELP + "\n\n" + EXIT_CODES)

@@ -199,8 +199,41 @@ def test_agent_command_imports_neither_the_ca_nor_a_web_framework() -> None:
         "meshca.api.grpc",
         "meshca.signers.pkcs11",
         "meshca.proxy",
+        "pydantic_settings",
+        "meshca.config",
+        "meshca.cli.server",
     ):
         assert absent not in loaded, f"meshca agent imports {absent}"
+
+
+def test_agent_imports_only_the_sinks_it_serves() -> None:
+    """An agent with none of its sockets or files turned on (``meshca agent`` and
+    ``meshca.agent.run``, as a pod with only the in-process proxy or only metrics has)
+    loads neither the Envoy SDS protos, nor the Workload API's, nor the node agent."""
+    code = (
+        "import sys\n"
+        "from meshca.cli.main import main\n"
+        "import click\n"
+        "main.get_command(click.Context(main), 'agent')\n"
+        "import meshca.agent.run\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    loaded = set(out)
+    assert "meshca.agent.client" in loaded  # the probe did load the agent
+    for absent in (
+        "envoy",
+        "xds",
+        "meshca.api._proto.workload_pb2",
+        "meshca.agent.sds",
+        "meshca.agent.workload_api",
+        "meshca.agent.filesink",
+        "meshca.agent.node",
+        "meshca.agent.kubelet",
+    ):
+        assert absent not in loaded, f"meshca agent imports {absent} with no sink using it"
 
 
 async def test_listen_http_names_an_address_it_cannot_bind() -> None:
