@@ -140,6 +140,17 @@ def peer_address(context: aio.ServicerContext[object, object]) -> str:
     return raw
 
 
+def _call_over(context: aio.ServicerContext[object, object]) -> bool:
+    """Whether gRPC has ended the call already (its deadline passed, or the caller left)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return True
+    try:
+        return bool(context.done())
+    except NotImplementedError:  # an implementation without the (experimental) method
+        return False
+
+
 def caller_message(error: MeshcaError) -> str:
     """What the caller is told: their own mistakes in full, the CA's troubles in general."""
     if isinstance(error, StoreError):
@@ -256,17 +267,15 @@ class CertificateFrontend:
         agent names), or abort the RPC with the mapped status code."""
         started = time.perf_counter()
         peer = Peer(address=peer_address(context))
+        callers_deadline = False
         try:
             with self.admission.slot():
                 self.admission.check_peer(peer.address)
                 remaining = context.time_remaining()
+                callers_deadline = remaining is not None and remaining < MAX_REQUEST_SECONDS
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError
-                limit = (
-                    MAX_REQUEST_SECONDS
-                    if remaining is None
-                    else min(remaining, MAX_REQUEST_SECONDS)
-                )
+                limit = remaining if callers_deadline else MAX_REQUEST_SECONDS
                 async with asyncio.timeout(limit):
                     peer = Peer(address=peer.address, certificates=peer_certificates(context))
                     attestation = await self._authenticate(peer, context, request.csr)
@@ -283,6 +292,7 @@ class CertificateFrontend:
                 "deadline_exceeded",
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the caller's deadline passed before the certificate was issued",
+                callers_deadline=callers_deadline,
             )
         except asyncio.CancelledError:
             # gRPC cancels the handler itself when the caller's deadline passes (it may
@@ -384,12 +394,22 @@ class CertificateFrontend:
         trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
         *,
         detail: str | None = None,
+        callers_deadline: bool = False,
     ) -> NoReturn:
+        """Count and log the refusal, then end the call with ``code`` and ``message``.
+
+        A call whose deadline has passed (``callers_deadline``: the timeout that fired was
+        the caller's own) is ended by gRPC itself, which tells the caller
+        DEADLINE_EXCEEDED; sending a status on it as well races gRPC's, and the loser makes
+        grpcio log an ExecuteBatchError with a traceback. Such a call unwinds as cancelled.
+        """
         self.metrics.refused.labels(api, reason).inc()
         self.metrics.latency.labels(api, "refused").observe(time.perf_counter() - started)
         log.info(
             "refused %s request from %s: %s (%s)", api, peer.address, detail or message, reason
         )
+        if callers_deadline or _call_over(context):
+            raise asyncio.CancelledError
         await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
         raise AssertionError("unreachable: abort raises")
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import sqlite3
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from meshca.api.grpc import CertificateFrontend
+from meshca.authn.base import Peer
+from meshca.metrics import CAMetrics
 from tests.api.conftest import CA, StartCA
 from tests.fakes.kube import FakeKubeApi
 from tests.support import create_certificate, make_csr
@@ -213,3 +219,92 @@ async def test_burst_of_2000_requests_from_200_clients(start_ca: StartCA) -> Non
         f"admitted latency p50 {qs[49] * 1000:.0f} ms, p99 {qs[98] * 1000:.0f} ms, "
         f"max {max(admitted) * 1000:.0f} ms"
     )
+
+
+async def test_a_deadline_that_passes_mid_request_logs_no_traceback(
+    start_ca: StartCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler's own timeout and gRPC's end of the call race at the deadline: when
+    the call is already over, the refusal is counted and logged, never sent (sending it
+    made grpcio log an ExecuteBatchError with a traceback)."""
+    async with FakeKubeApi(expected_bearer=None) as slow:
+        slow.delay = 1.0
+        ca = await start_ca(k8s_api_server=slow.url)
+        token = slow.mint_token("default", "web")
+        # Hold this loop (the CA's) across every deadline, as a busy CA's loop would be:
+        # gRPC's core ends the calls meanwhile, and the handlers' own timeouts fire late.
+        asyncio.get_running_loop().call_later(0.15, time.sleep, 0.6)
+        with caplog.at_level(logging.INFO):
+            results = await asyncio.gather(
+                *(
+                    _attempt(ca, token, make_csr(WEB_ID)[1], timeout=0.2 + i * 0.01)
+                    for i in range(20)
+                )
+            )
+            await asyncio.sleep(1.5)  # every handler has reached its deadline
+        codes = {r.code() if r is not None else None for r in results}
+        assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        # Each abandoned call is counted once (deadline_exceeded, or cancelled when gRPC
+        # cancelled the handler a moment before its own clock reached the deadline).
+        metrics = (await ca.get("/metrics"))[1]
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('meshca_requests_refused_total{api="istio",reason="')
+            and ('"deadline_exceeded"' in line or '"cancelled"' in line)
+        )
+        assert counted == 20
+        errors = [
+            r
+            for r in caplog.records
+            if r.name.startswith(("grpc", "meshca")) and (r.levelno >= logging.ERROR or r.exc_info)
+        ]
+        assert errors == [], [r.getMessage() for r in errors]
+
+
+class _Call:
+    """The parts of a servicer context a refusal touches; records what was sent."""
+
+    def __init__(self, remaining: float | None, done: bool = False) -> None:
+        self.remaining = remaining
+        self.ended = done
+        self.sent: list[grpc.StatusCode] = []
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def done(self) -> bool:
+        return self.ended
+
+    async def abort(self, code: grpc.StatusCode, message: str, **_: object) -> None:
+        self.sent.append(code)
+        raise grpc.aio.AbortError(message)
+
+
+@pytest.mark.parametrize(
+    ("call", "callers_deadline", "sent"),
+    [
+        (_Call(remaining=0.001), True, []),  # the caller's deadline fired our timeout
+        (_Call(remaining=-0.01), False, []),  # gRPC's clock is past the deadline already
+        (_Call(remaining=4.0, done=True), False, []),  # the caller went away
+        (_Call(remaining=4.0), False, [grpc.StatusCode.DEADLINE_EXCEEDED]),
+        (_Call(remaining=None), False, [grpc.StatusCode.DEADLINE_EXCEEDED]),
+    ],
+)
+async def test_a_refusal_is_sent_only_on_a_call_that_is_still_open(
+    call: _Call, callers_deadline: bool, sent: list[grpc.StatusCode]
+) -> None:
+    frontend = CertificateFrontend(cast(Any, None), cast(Any, None), CAMetrics())
+    expected = asyncio.CancelledError if not sent else grpc.aio.AbortError
+    with pytest.raises(expected):
+        await frontend._refuse(
+            "istio",
+            Peer(address="127.0.0.1:1"),
+            time.perf_counter(),
+            cast(Any, call),
+            "deadline_exceeded",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the caller's deadline passed",
+            callers_deadline=callers_deadline,
+        )
+    assert call.sent == sent
