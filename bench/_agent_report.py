@@ -126,6 +126,8 @@ def render(report: dict[str, Any]) -> str:
         ("after the rotations, streams still open", mem["after_rotations"]),
         ("peak (sampled every 0.25 s while the agent ran)", mem["peak"]),
     ]
+    if mem.get("floor") is not None:
+        mem_rows.append(("floor: grpcio + cryptography doing the least (--floor)", mem["floor"]))
     lines += [f"  {label:<58} {_mib(value):>8}" for label, value in mem_rows]
     lines += [
         "",

@@ -23,6 +23,10 @@
    ``issued_at`` of each serial is shown for context. Agent CPU over the window divided
    by the renewals in it is the CPU per renewal.
 
+With ``--floor``, first: bench/_agent_floor.py (grpcio and cryptography doing the least
+an agent does) against the same CA, its VmRSS after ``--settle``: the bound below which
+no agent on this stack goes.
+
 The report goes to stdout; with ``--json`` the report goes to stderr and one JSON object
 to stdout. Only loopback addresses and Unix sockets in a temp dir are used; every child
 process is stopped on exit, Ctrl-C or SIGTERM, and the CA and SDS streams are closed.
@@ -65,6 +69,7 @@ from _procs import (  # noqa: E402
     free_port,
     loadavg,
     machine_busy_seconds,
+    rss_bytes,
     tail,
 )
 from _report import MIB, machine_facts  # noqa: E402
@@ -77,6 +82,7 @@ from tests.agent.sds_client import EnvoySdsClient  # noqa: E402
 from tests.fakes.kube import FakeKubeApi  # noqa: E402
 
 WLAPI_CLIENT = BENCH_DIR / "_agent_wlapi.py"
+FLOOR = BENCH_DIR / "_agent_floor.py"
 QUIET_TTL = timedelta(hours=1)
 TOKEN_TTL = timedelta(hours=2)
 MAX_ROTATION_TIME = 3600.0
@@ -102,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle", type=duration, default=3.0, help="before RSS (3s)")
     parser.add_argument("--idle-window", type=duration, default=15.0, help="idle CPU windows (15s)")
     parser.add_argument("--skip-quiet", action="store_true", help="no quiet (--ttl 1h) agent phase")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the RSS of bench/_agent_floor.py (grpcio + cryptography doing the least)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir, print it")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
     args = parser.parse_args(argv)
@@ -135,6 +146,7 @@ class Bench:
         self.bundle_file = tmp / "ca-bundle.pem"
         self.token_file = tmp / "token"
         self.peak_rss = 0
+        self.floor_rss: int | None = None
 
     # -- the CA --------------------------------------------------------------------
 
@@ -227,6 +239,35 @@ class Bench:
                 f"{name} agent logged {len(problems)} warning/error line(s), e.g.: "
                 + problems[0][:300]
             )
+
+    # -- phase 0: the floor (--floor) --------------------------------------------
+
+    async def floor(self) -> int:
+        """VmRSS of bench/_agent_floor.py after ``--settle``: grpcio and cryptography
+        doing the least an agent does (one certificate, a gRPC and an HTTP listener)."""
+        assert self.ca is not None
+        argv = [
+            sys.executable,
+            str(FLOOR),
+            f"127.0.0.1:{self.ca.grpc_port}",
+            str(self.bundle_file),
+            str(self.token_file),
+            str(self.tmp / "floor.sock"),
+        ]
+        with (self.tmp / "floor.err").open("wb") as err:
+            proc = self.children.start(argv, stdout=subprocess.PIPE, stderr=err, cwd=PROJECT_ROOT)
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await asyncio.to_thread(proc.stdout.readline)
+            if not line.startswith(b"ready"):
+                raise BenchError(f"floor process failed:\n{tail(self.tmp / 'floor.err')}")
+            await asyncio.sleep(self.args.settle)
+            rss = rss_bytes([proc.pid])
+        finally:
+            await asyncio.to_thread(self.children.stop, proc, 10.0)
+        say(f"floor (grpcio + cryptography, bench/_agent_floor.py): RSS {rss / MIB:.1f} MiB")
+        return rss
 
     # -- phase 1: a quiet agent ----------------------------------------------------
 
@@ -455,6 +496,7 @@ class Bench:
             kube = await stack.enter_async_context(FakeKubeApi())
             self.ca = await self.start_ca(kube)
             stack.push_async_callback(self.ca.stop, 0)
+            self.floor_rss = await self.floor() if args.floor else None
             quiet = None if args.skip_quiet else await self.quiet()
             main = await self.main_agent(stack)
         facts["loadavg_after"] = loadavg()
@@ -532,6 +574,7 @@ class Bench:
                 "with_streams": rss["with_streams"] / MIB,
                 "after_rotations": rss["after"] / MIB,
                 "peak": self.peak_rss / MIB,
+                "floor": self.floor_rss / MIB if self.floor_rss is not None else None,
             },
             "latency_ms": {k: asdict(v) for k, v in latencies(rotations).items()},
             "rotations_observed": len(rotations),
