@@ -365,6 +365,13 @@ class FileSink:
                 "certificate and key; allowed: writable by its owner only (chmod go-w)",
                 reason="output_dir_insecure",
             )
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"file sink directory {path} is owned by uid {st.st_uid}, who could replace "
+                "the certificate and key (an owner may change the mode at any time); "
+                f"allowed: owned by root or by the agent's user (chown {os.geteuid()} {path})",
+                reason="output_dir_insecure",
+            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"file sink directory {path} is not writable by this process")
 

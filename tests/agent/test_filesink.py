@@ -444,6 +444,17 @@ async def test_refuses_a_directory_others_can_write(
     assert message in str(info.value)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+async def test_refuses_a_directory_another_user_owns(
+    out: Path, start: Callable[..., FileSink]
+) -> None:
+    os.chown(out, 65534, -1)  # nobody: the mode alone (0755) would let it through
+    with pytest.raises(ConfigError, match="owned by uid 65534, who could replace") as info:
+        await start(out).start(CredentialStore())
+    assert info.value.reason == "output_dir_insecure"
+    assert f"chown 0 {out}" in str(info.value)
+
+
 async def test_a_missing_directory_is_created_0755_whatever_the_umask(
     tmp_path: Path, start: Callable[..., FileSink]
 ) -> None:
