@@ -70,6 +70,15 @@ class PortClaim:
             self._lock.close()
 
 
+def split_host_port(listen: str, what: str) -> tuple[str, int]:
+    """A listen address ``HOST:PORT`` (``[v6]:PORT``) -> (host, port); ConfigError naming
+    ``what`` otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{what} {listen!r} must be HOST:PORT, e.g. 127.0.0.1:15012")
+    return host.strip("[]"), int(port)
+
+
 def _format(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -60,7 +60,7 @@ from meshca.errors import (
 from meshca.metrics import CAMetrics
 from meshca.pki.bundle import bundle_pem
 from meshca.pki.profile import fingerprint
-from meshca.ports import listening_pids
+from meshca.ports import listening_pids, split_host_port
 from meshca.signers.base import Signer, close_signer
 from meshca.signers.factory import open_signer
 from meshca.spiffe import SpiffeId
@@ -94,13 +94,6 @@ class NoAuthenticator:
             "create`)",
             reason="no_authenticator",
         )
-
-
-def split_host_port(listen: str, what: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"{what} {listen!r} must be HOST:PORT, e.g. 127.0.0.1:15012")
-    return host.strip("[]"), int(port)
 
 
 def _grpc_address(listen: str, what: str) -> str:

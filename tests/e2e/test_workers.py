@@ -61,6 +61,11 @@ async def test_workers_share_ports_and_one_ledger(
         )
         processes.append(server)
         assert "workers 2" in server.ready_line
+        # The migrations and the root were prepared in a child: the supervisor itself
+        # never loaded the CA's modules (grpcio's extension is a marker), the workers did.
+        workers = worker_pids(server.process.pid)
+        assert "cygrpc" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+        assert all("cygrpc" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)
         issuers = await _issue_many(server, kube, 60)
         assert len(issuers) == 2, "both workers' intermediates should have issued"
 
