@@ -48,12 +48,17 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("meshca.audit")
 
 MAX_BATCH = 256
-COMMIT_DELAY = 0.002
+COMMIT_DELAY = 0.005
 """Seconds the writer waits before its next commit when the last one carried several
 rows (a sign of concurrent load), so that more rows share it: fewer commits (and fsyncs,
 and hand-offs between the writer thread and the event loop) per certificate. Under light
 load (one row per commit) there is no wait. PostgreSQL's ``commit_delay`` with
-``commit_siblings`` does the same for its own WAL flushes."""
+``commit_siblings`` does the same for its own WAL flushes.
+
+Measured with bench/issue.py (one worker, SQLite, 32 requests in flight, runs
+interleaved): 2 ms gave 649-718 certificates/s at 1.58-1.74 ms of CPU each; 5 ms gave
+832-907 at 1.28-1.37 ms, with p50 and p99 lower too (the wait is less than the queueing
+it removes); 10 ms was no better than 5 with two workers, and 20 ms raised p99 by half."""
 
 _Outcome = LedgerRow | StoreError
 
