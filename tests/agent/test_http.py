@@ -169,19 +169,9 @@ def test_agent_command_imports_neither_the_ca_nor_a_web_framework() -> None:
     """``meshca agent`` with a token, a bundle file and local sinks (no config file) loads
     no HTTP client or server framework, no YAML parser, no CA code (store, signers, API
     servers) and no cloud SDK."""
-    code = (
-        "import sys\n"
-        "from meshca.cli.main import main\n"
-        "import click\n"
-        "main.get_command(click.Context(main), 'agent')\n"
-        "import meshca.agent.run, meshca.agent.sds, meshca.agent.workload_api\n"
-        "import meshca.agent.filesink\n"
-        "print(' '.join(sorted(sys.modules)))\n"
+    loaded = _modules_loaded_by(
+        "meshca.agent.run", "meshca.agent.sds", "meshca.agent.workload_api", "meshca.agent.filesink"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
-    loaded = set(out)
     for absent in (
         "aiohttp",
         "yaml",
@@ -210,18 +200,7 @@ def test_agent_imports_only_the_sinks_it_serves() -> None:
     """An agent with none of its sockets or files turned on (``meshca agent`` and
     ``meshca.agent.run``, as a pod with only the in-process proxy or only metrics has)
     loads neither the Envoy SDS protos, nor the Workload API's, nor the node agent."""
-    code = (
-        "import sys\n"
-        "from meshca.cli.main import main\n"
-        "import click\n"
-        "main.get_command(click.Context(main), 'agent')\n"
-        "import meshca.agent.run\n"
-        "print(' '.join(sorted(sys.modules)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
-    loaded = set(out)
+    loaded = _modules_loaded_by("meshca.agent.run")
     assert "meshca.agent.client" in loaded  # the probe did load the agent
     for absent in (
         "envoy",
@@ -249,3 +228,20 @@ async def test_listen_http_names_an_address_it_cannot_bind() -> None:
         assert port > 0
     finally:
         await server.stop()
+
+
+def _modules_loaded_by(*modules: str) -> set[str]:
+    """What a fresh interpreter has imported once ``meshca agent``'s command is looked up
+    and ``modules`` are imported."""
+    code = (
+        "import sys\n"
+        "from meshca.cli.main import main\n"
+        "import click\n"
+        "main.get_command(click.Context(main), 'agent')\n"
+        f"import {', '.join(modules)}\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return set(out.stdout.split())
