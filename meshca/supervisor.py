@@ -22,10 +22,10 @@ parent (outside Linux, and if the signal is ever lost). An orphaned worker remov
 metrics directory on its way out; directories of supervisors that died with their
 workers (both killed at once) are removed by the next start.
 
-Ctrl-C in a terminal signals the whole process group. Workers start with SIGINT ignored
-(inherited, so not even their imports see it) and are stopped by the supervisor with
-SIGTERM, so an interrupted start-up prints one line and exits with 130, not a traceback
-per process.
+Ctrl-C in a terminal signals the whole process group. Workers start with SIGINT blocked
+(inherited, so not even their imports see it), then ignore it, and are stopped by the
+supervisor with SIGTERM, so an interrupted start-up prints one line and exits with 130,
+not a traceback per process.
 """
 
 from __future__ import annotations
@@ -97,10 +97,18 @@ def _remove_metrics_if_orphaned(supervisor_pid: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _ignore_interrupts() -> None:
+    """First thing in a child: ignore SIGINT (pending ones included), then unblock it
+    (the supervisor started the child with it blocked)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _prepare_main(settings_json: str, conn: Connection, supervisor_pid: int) -> None:
     """Entry point of the process that prepares the state before any worker starts
     (migrations, the root): spawned, so the supervisor itself never loads the CA's
     modules, store and signer libraries, which it would hold for its whole life."""
+    _ignore_interrupts()
     from meshca.cli.common import exit_code, setup_logging
     from meshca.server import prepare_state
 
@@ -119,6 +127,7 @@ def _prepare_main(settings_json: str, conn: Connection, supervisor_pid: int) -> 
 
 def _worker_main(settings_json: str, index: int, conn: Connection, supervisor_pid: int) -> None:
     """Entry point of a worker process (spawned, so it starts clean)."""
+    _ignore_interrupts()
     from meshca.cli.common import exit_code, setup_logging
     from meshca.server import start_server
 
@@ -275,18 +284,17 @@ class Supervisor:
 
     @staticmethod
     def _start(process: BaseProcess) -> None:
-        # The child (a worker, or the one that prepares the state) inherits SIGINT
-        # ignored: Ctrl-C reaches the whole process group, and the supervisor alone
-        # decides what it means (SIGTERM to its children). SIGINT is
-        # blocked meanwhile, so a Ctrl-C in that window waits for the supervisor's handler
-        # instead of being ignored by it too (Linux keeps a blocked signal pending even
-        # while its action is to ignore it).
+        # The child (a worker, or the one that prepares the state) starts with SIGINT
+        # blocked, inherited through exec, and ignores it once it runs (_ignore_interrupts):
+        # Ctrl-C reaches the whole process group, and the supervisor alone decides what it
+        # means (SIGTERM to its children). The supervisor never ignores SIGINT itself: a
+        # Ctrl-C in this window stays pending and reaches its handler at the unblock.
+        # (Setting SIG_IGN here, as it once did, discards a SIGINT pending at that moment,
+        # blocked or not: the Ctrl-C was lost and the server went on starting.)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             process.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def claim_ports(self) -> Settings:
