@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any, NoReturn
 
 try:  # meshca's modules take a second or so to import: Ctrl-C may well land here
     import click
@@ -46,11 +47,40 @@ class _LazyGroup(click.Group):
         try:
             command = getattr(importlib.import_module(module), attribute)
         except KeyboardInterrupt:
-            sys.stderr.write("meshca: interrupted during start-up\n")
-            sys.stderr.flush()
-            os._exit(130)
+            _interrupted("meshca: interrupted during start-up")
         assert isinstance(command, click.Command)
         return command
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            _interrupted("meshca: interrupted during start-up")
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the sub-command; an interrupt that reaches here (click would print
+        "Aborted!" and exit 1) leaves with one line and 130, the code a shell gives
+        SIGINT. ``meshca server`` handles its own once it is under way, so one that
+        reaches here landed in click's parsing, before the server's start-up."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            starting = ctx.invoked_subcommand == "server"
+            _interrupted("meshca: interrupted" + (" during start-up" if starting else ""))
+
+
+def _interrupted(line: str) -> NoReturn:
+    """Leave at once: an interpreter half-way through imports may turn a normal exit
+    back into the interrupt (killed by SIGINT, not 130)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 @click.group(
