@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -291,6 +292,10 @@ class Supervisor:
         # Ctrl-C in this window stays pending and reaches its handler at the unblock.
         # (Setting SIG_IGN here, as it once did, discards a SIGINT pending at that moment,
         # blocked or not: the Ctrl-C was lost and the server went on starting.)
+        # multiprocessing starts its resource tracker on the first start() and unblocks
+        # SIGINT on its way out of that, which would leave this child unprotected: it is
+        # started before, outside the window.
+        resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
