@@ -285,22 +285,31 @@ class Supervisor:
 
     @staticmethod
     def _start(process: BaseProcess) -> None:
-        # The child (a worker, or the one that prepares the state) starts with SIGINT
-        # blocked, inherited through exec, and ignores it once it runs (_ignore_interrupts):
-        # Ctrl-C reaches the whole process group, and the supervisor alone decides what it
-        # means (SIGTERM to its children). The supervisor never ignores SIGINT itself: a
-        # Ctrl-C in this window stays pending and reaches its handler at the unblock.
-        # (Setting SIG_IGN here, as it once did, discards a SIGINT pending at that moment,
-        # blocked or not: the Ctrl-C was lost and the server went on starting.)
-        # multiprocessing starts its resource tracker on the first start() and unblocks
-        # SIGINT on its way out of that, which would leave this child unprotected: it is
-        # started before, outside the window.
+        """Start a child (a worker, or the one that prepares the state) so that a Ctrl-C
+        at that moment is neither lost nor seen by the child.
+
+        The child inherits SIGINT blocked (the mask of the thread that starts it) and
+        ignores it first thing (:func:`_ignore_interrupts`), so not even its imports see
+        it: Ctrl-C reaches the whole process group, and the supervisor alone decides
+        what it means (SIGTERM to its children). The supervisor's other threads (logging)
+        may still take the signal, so for the duration of ``start()`` the Python-level
+        handler only notes it, and the signal is raised again once the child is started
+        and the usual handler is back. Nothing here sets SIG_IGN: that discards a SIGINT
+        already pending, and the server went on starting after such a lost Ctrl-C.
+        """
+        # multiprocessing starts its resource tracker on the first start(), and unblocks
+        # SIGINT on its way out of that: started first, outside the window.
         resource_tracker.ensure_running()
+        noted: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, previous)
+        if noted:
+            signal.raise_signal(signal.SIGINT)
 
     def claim_ports(self) -> Settings:
         """Claim every listener's port for this server alone; pin port 0 to a concrete one."""

@@ -45,3 +45,34 @@ def test_the_first_child_starts_with_sigint_blocked_and_the_supervisor_keeps_its
     assert done.returncode == 0, done.stderr
     # The child: blocked. The supervisor afterwards: SIGINT not blocked, handler unchanged.
     assert done.stdout.split() == ["blocked", "False", "True"]
+
+
+# A Ctrl-C while start() runs: the start completes, then the supervisor's handler gets it.
+LATE = """
+import os, signal, threading, time
+from meshca.supervisor import Supervisor
+
+class Child:
+    started = False
+    def start(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # a thread that does not block SIGINT may take it meanwhile
+        Child.started = True
+
+# A thread of the supervisor's (its logging) with SIGINT open.
+threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+try:
+    Supervisor._start(Child())
+except KeyboardInterrupt:
+    print("interrupted after the start" if Child.started else "interrupted during the start")
+else:
+    print("the interrupt was lost")
+"""
+
+
+def test_a_ctrl_c_during_a_start_reaches_the_supervisor_once_the_child_is_started() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LATE], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "interrupted after the start"
